@@ -1,0 +1,99 @@
+"""Model configuration as small dataclasses; named configs are JSON files in `model/configs/`.
+
+A model is named by its config (open_clip's habit): `load_config("emkum-s14-minilm")` or a path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    layer_scale_init: float | None = 1.0  # DINOv2 blocks carry LayerScale; None = plain ViT block
+    final_norm: bool = True
+    norm_eps: float = 1e-6
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 30522
+    width: int = 384
+    depth: int = 6
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    max_positions: int = 512
+    max_length: int = 64  # captions are padded/truncated to 64 tokens (DESIGN.md section 3)
+    post_norm: bool = True  # BERT/MiniLM layers are Post-LN; the seed's own encoder is Pre-LN
+    embed_norm: bool = True  # BERT normalises the embedding sum
+    cls_zero_position: bool = False  # seed 000 eq. 14: no positional encoding for [T_CLS]
+    norm_eps: float = 1e-12
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    pad_token_id: int = 0
+
+
+@dataclass
+class EmkumConfig:
+    name: str = "emkum"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    width: int = 384  # width of the shared block
+    shared_depth: int = 1
+    shared_heads: int = 6
+    shared_mlp_ratio: float = 4.0
+    shared_layer_scale_init: float = 0.2  # LayerScale on both residual branches of the shared block
+    tte: Literal["after", "before", "none"] = "after"  # seed 003: after the encoders, eq. 4-5
+    tte_layer_scale_init: float = 1e-5
+    proj_dim: int = 256  # FILIP's token dimension
+    teacher_dim: int | None = 1280  # KD regression head output (EfficientNet-Lite0 features)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmkumConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        kwargs = dict(data)
+        vision = dict(kwargs.pop("vision", {}))
+        for key in ("mean", "std"):
+            if key in vision:
+                vision[key] = tuple(vision[key])
+        kwargs["vision"] = VisionConfig(**vision)
+        kwargs["text"] = TextConfig(**kwargs.pop("text", {}))
+        return cls(**kwargs)
+
+
+def load_config(name_or_path: str | Path) -> EmkumConfig:
+    """Load a named config from `model/configs/` or a JSON file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"model config {name_or_path!r} not found; named configs: {available}")
+    return EmkumConfig.from_dict(json.loads(path.read_text()))

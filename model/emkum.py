@@ -1,0 +1,114 @@
+"""EMKUM: two modality towers, token-type embeddings, one shared block, projection and KD heads.
+
+Data flow per modality: tower -> (+ LayerScale(TTE), seed 003 eq. 4-5) -> shared block(s), the same
+weights for image and text -> LayerNorm -> linear projection to `proj_dim`, L2-normalised, for the
+[CLS] position (global vector) and every other position (patch / token vectors).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import EmkumConfig
+from model.encoders import TextTransformer, VisionTransformer
+from model.layers import Block, LayerScale, key_padding_bias
+
+IMAGE_TYPE, TEXT_TYPE = 0, 1
+
+
+@dataclass
+class ImageOutput:
+    cls: torch.Tensor  # [B, P] L2-normalised global vector
+    patches: torch.Tensor  # [B, N, P] L2-normalised patch vectors
+    hidden: torch.Tensor  # [B, 1 + N, width] shared-block output, before the projection
+    kd: torch.Tensor | None  # [B, teacher_dim] regression-head prediction from [I_CLS]
+
+
+@dataclass
+class TextOutput:
+    cls: torch.Tensor  # [B, P]
+    tokens: torch.Tensor  # [B, L, P] (position 0 is [T_CLS]; use `token_mask` to pick words)
+    token_mask: torch.Tensor  # [B, L] 1 for word tokens: not CLS, not SEP, not padding
+    hidden: torch.Tensor
+    kd: torch.Tensor | None
+
+
+class RegressionHead(nn.Module):
+    """LayerNorm + Linear from the shared block to the teacher's space (KD, DESIGN.md section 3)."""
+
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x))
+
+
+class Emkum(nn.Module):
+    def __init__(self, cfg: EmkumConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.text = TextTransformer(cfg.text)
+        self.vision_adapter = (
+            nn.Identity() if cfg.vision.width == cfg.width else nn.Linear(cfg.vision.width, cfg.width)
+        )
+        self.text_adapter = (
+            nn.Identity() if cfg.text.width == cfg.width else nn.Linear(cfg.text.width, cfg.width)
+        )
+        if cfg.tte == "before" and not (cfg.vision.width == cfg.text.width == cfg.width):
+            raise ValueError("tte='before' adds the type embedding at the tower inputs: widths must match")
+        self.type_embed = nn.Embedding(2, cfg.width) if cfg.tte != "none" else None
+        # One LayerScale for both modalities so neither is favoured (seed 003, after eq. 5).
+        self.type_scale = LayerScale(cfg.width, cfg.tte_layer_scale_init) if cfg.tte == "after" else None
+        self.shared = nn.ModuleList(
+            Block(cfg.width, cfg.shared_heads, cfg.shared_mlp_ratio, cfg.shared_layer_scale_init)
+            for _ in range(cfg.shared_depth)
+        )
+        self.final_norm = nn.LayerNorm(cfg.width)
+        self.image_proj = nn.Linear(cfg.width, cfg.proj_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.width, cfg.proj_dim, bias=False)
+        self.kd_head = RegressionHead(cfg.width, cfg.teacher_dim) if cfg.teacher_dim else None
+        # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # -- internals -------------------------------------------------------------------------
+    def _type_vector(self, type_id: int) -> torch.Tensor | None:
+        if self.type_embed is None:
+            return None
+        return self.type_embed.weight[type_id][None, None, :]
+
+    def _shared(self, x: torch.Tensor, type_id: int, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.tte == "after":
+            x = x + self.type_scale(self._type_vector(type_id))  # seed 003, eq. 4-5
+        bias = key_padding_bias(mask, x.dtype)
+        for block in self.shared:
+            x = block(x, bias)
+        return self.final_norm(x)
+
+    # -- public ----------------------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor, with_kd: bool = True) -> ImageOutput:
+        before = self._type_vector(IMAGE_TYPE) if self.cfg.tte == "before" else None
+        hidden = self._shared(self.vision_adapter(self.vision(pixels, before)), IMAGE_TYPE, None)
+        emb = F.normalize(self.image_proj(hidden), dim=-1)
+        kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
+        return ImageOutput(cls=emb[:, 0], patches=emb[:, 1:], hidden=hidden, kd=kd)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:
+        before = self._type_vector(TEXT_TYPE) if self.cfg.tte == "before" else None
+        hidden = self._shared(self.text_adapter(self.text(ids, mask, before)), TEXT_TYPE, mask)
+        emb = F.normalize(self.text_proj(hidden), dim=-1)
+        t = self.cfg.text
+        word = mask.to(torch.bool) & (ids != t.cls_token_id) & (ids != t.sep_token_id)
+        kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
+        return TextOutput(cls=emb[:, 0], tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd)
+
+
+def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

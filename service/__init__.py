@@ -1,0 +1,1 @@
+"""The FastAPI retrieval service: ONNX Runtime encoders, the index, metrics and the CLI. No torch."""

@@ -1,0 +1,79 @@
+"""Training objectives: contrastive (CLIP), KD to a frozen teacher, Target-CMLI (seed 004, eq. 7-10)
+and, optionally, FILIP-style contrastive on CMLI scores so that token vectors learn to rerank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.cmli import cmli_i2t_matrix, cmli_pairs, cmli_t2i_matrix
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows, with gradient flowing back to each rank's own part; and this rank's offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_fn
+
+    parts = dist_fn.all_gather(x)
+    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """Symmetric InfoNCE over all ranks' negatives; the temperature is the model's `logit_scale`,
+    clamped at 100 as in CLIP. Labels are offset by the rank's position in the gathered batch."""
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        scale = logit_scale.exp().clamp(max=100.0)
+        all_image, offset = gather_with_grad(image)
+        all_text, _ = gather_with_grad(text)
+        labels = torch.arange(image.shape[0], device=image.device) + offset
+        logits_i2t = scale * image @ all_text.T
+        logits_t2i = scale * text @ all_image.T
+        return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+def cmli_contrastive_loss(
+    patches: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """FILIP's objective on the local batch: InfoNCE where the similarity of (text, image) is the
+    CMLI score (seed 004, eq. 3 and 4) instead of the CLS cosine."""
+    scale = logit_scale.exp().clamp(max=100.0)
+    labels = torch.arange(patches.shape[0], device=patches.device)
+    t2i = cmli_t2i_matrix(tokens, token_mask, patches)
+    i2t = cmli_i2t_matrix(tokens, token_mask, patches)
+    return (F.cross_entropy(scale * t2i, labels) + F.cross_entropy(scale * i2t, labels)) / 2
+
+
+def standardise(target: torch.Tensor) -> torch.Tensor:
+    """Teacher features have arbitrary scale; regress their per-vector standardised form."""
+    return F.layer_norm(target.float(), target.shape[-1:])
+
+
+def kd_loss(pred_image: torch.Tensor, pred_text: torch.Tensor, teacher_global: torch.Tensor) -> torch.Tensor:
+    """MSE to the teacher's global vector for the image and for its caption, mean of the two."""
+    target = standardise(teacher_global)
+    return (F.mse_loss(pred_image.float(), target) + F.mse_loss(pred_text.float(), target)) / 2
+
+
+def target_cmli_loss(
+    image_patch_pred: torch.Tensor,
+    text_token_pred: torch.Tensor,
+    token_mask: torch.Tensor,
+    teacher_patches: torch.Tensor,
+) -> torch.Tensor:
+    """Target-CMLI (seed 004, eq. 7-10).
+
+    image_patch_pred: the student's patches in teacher space, pooled to the teacher's grid [B, n, D];
+    text_token_pred: the student's tokens in teacher space [B, M, D]; token_mask excludes CLS, SEP
+    and padding. Each text token regresses the teacher patch it matches best (eq. 2, 9); patches
+    regress their teacher patch in place (eq. 7); the KD loss is the mean of the two (eq. 10)."""
+    target = standardise(teacher_patches)
+    l_i2t = F.mse_loss(image_patch_pred.float(), target)
+    pred = F.normalize(text_token_pred.float(), dim=-1)
+    _, _, best = cmli_pairs(pred, token_mask, F.normalize(target, dim=-1))
+    chosen = torch.gather(target, 1, best[..., None].expand(-1, -1, target.shape[-1]))
+    per_token = ((text_token_pred.float() - chosen) ** 2).mean(-1)
+    l_t2i = (per_token * token_mask).sum() / token_mask.sum().clamp_min(1.0)
+    return (l_i2t + l_t2i) / 2

