@@ -24,8 +24,7 @@ def cmli_pairs(
     sim = torch.einsum("bmd,bnd->bmn", tokens, patches)  # [B, M, N]
     best, best_patch = sim.max(dim=2)
     t2i = _masked_mean(best, token_mask)
-    neg = torch.finfo(sim.dtype).min
-    i2t = sim.masked_fill(~token_mask.bool()[:, :, None], neg).max(dim=1).values.mean(-1)
+    i2t = sim.masked_fill(~token_mask.bool()[:, :, None], torch.finfo(sim.dtype).min).max(dim=1).values.mean(-1)
     return t2i, i2t, best_patch
 
 
@@ -47,12 +46,12 @@ def cmli_i2t_matrix(
     tokens: torch.Tensor, token_mask: torch.Tensor, patches: torch.Tensor, chunk: int = 64
 ) -> torch.Tensor:
     """Image-to-text CMLI (eq. 3) for every image against every text: [Bi, Bt]."""
-    neg = torch.finfo(patches.dtype).min
     keep = token_mask.bool()
     out = []
     for start in range(0, patches.shape[0], chunk):
         block = torch.einsum("tmd,ind->itnm", tokens, patches[start : start + chunk])
-        block = block.masked_fill(~keep[None, :, None, :], neg)
+        # fill with the block's own dtype minimum: under autocast the block is bf16
+        block = block.masked_fill(~keep[None, :, None, :], torch.finfo(block.dtype).min)
         out.append(block.max(dim=3).values.mean(dim=2))
     return torch.cat(out, dim=0)
 

@@ -19,6 +19,10 @@ declare -A EXTRA=(
   [kd]="--set loss.cmli_contrastive=0"
   [tcmli]="--set loss.target_cmli=1"
   [randvis]="--set init_vision=random --set freeze.vision_blocks=0"
+  [unfreeze4]="--set freeze.vision_blocks=4"
+  [long]="--set epochs=20 --set freeze.vision_blocks=4"
+  [long_nokd]="--set epochs=20 --set freeze.vision_blocks=4 --set loss.kd=0"
+  [final]="--set epochs=30 --set freeze.vision_blocks=4"
 )
 report() {
 python3 - "$@" <<'PY' || true

@@ -1,0 +1,502 @@
+"""`VectorStore`: items keyed by the user's string id, each with a CLS vector, a set of patch
+vectors and JSON metadata; two-stage search (ANN over CLS, then CMLI rerank of the candidates).
+
+Durability. SQLite in WAL mode with `synchronous=FULL` is the source of truth: an add or delete is
+acknowledged only after its transaction commits, so a crash at any instant loses no acknowledged
+write and leaves no half-written item. The FAISS CLS index is a cache of that table: it is
+snapshotted to one file (written to a temp name, fsynced, renamed) tagged with the change sequence
+it contains, and on start the store loads the snapshot and replays the change log after it. A
+missing or unreadable snapshot is rebuilt from the table; a database for another model or dimension
+is refused, naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import struct
+import threading
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index.cmli import pad_candidates, rerank_cmli
+from index.codecs import PatchCodec
+from index.errors import CorruptStoreFile, ReadOnlyStore, StoreMismatch, UnknownItem
+
+SNAPSHOT_MAGIC = b"EMKUMCLS1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS items (
+    iid INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    metadata TEXT NOT NULL,
+    cls BLOB NOT NULL,
+    codes BLOB NOT NULL,
+    n_vectors INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, iid INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class StoreConfig:
+    dim: int
+    model: str
+    cls_factory: str = "Flat"  # FAISS factory for the CLS index: Flat, HNSW32, IVF1024,Flat, ...
+    patch_codec: str = "SQfp16"  # SQfp16 (exact to fp16), SQ8, PQ32x8, ...
+    use_gpu: bool = True  # move the CLS index to the GPU when this faiss build has one
+    snapshot_every: int = 5000  # changes between CLS snapshots (the log covers the rest)
+
+
+@dataclass
+class SearchHit:
+    id: str
+    score: float
+    cls_score: float
+    cmli_score: float | None
+    metadata: dict[str, Any]
+    matches: list[int] | None = None  # per query token: the candidate vector it matched best
+
+
+@dataclass
+class ItemInput:
+    id: str
+    cls: np.ndarray
+    vectors: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_write_refusal(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(s in text for s in ("readonly", "read-only", "disk is full", "disk i/o", "unable to open"))
+
+
+class VectorStore:
+    def __init__(self, path: str | Path, config: StoreConfig) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.db_path = self.path / "items.sqlite"
+        self.snapshot_path = self.path / "cls.faiss"
+        self._lock = threading.RLock()
+        self._db = self._open_db()
+        self._check_meta()
+        self.codec = self._load_codec()
+        self._iid_of: dict[str, int] = {}
+        self._id_of: dict[int, str] = {}
+        self._codes: dict[int, np.ndarray] = {}
+        self._tombstones: set[int] = set()
+        self._pending: dict[int, np.ndarray] = {}  # CLS vectors waiting for the index to be trained
+        self.gpu = False
+        self._load_items()
+        self._cls = self._load_cls_index()
+        self._changes_since_snapshot = 0
+
+    # -- opening --------------------------------------------------------------------------------
+    def _open_db(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise CorruptStoreFile(f"{self.db_path}: cannot open the item database ({exc})") from exc
+        return db
+
+    def _meta(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _check_meta(self) -> None:
+        stored = self._meta("config")
+        mine = {"dim": self.config.dim, "model": self.config.model, "patch_codec": self.config.patch_codec}
+        if stored is None:
+            self._db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(mine),))
+            return
+        try:
+            theirs = json.loads(stored)
+        except (ValueError, TypeError) as exc:
+            raise CorruptStoreFile(f"{self.db_path}: unreadable store config ({exc})") from exc
+        for key, value in mine.items():
+            if theirs.get(key) != value:
+                raise StoreMismatch(
+                    f"{self.db_path} was written with {key}={theirs.get(key)!r}, this service has {value!r}; "
+                    "use another data directory or re-index with this model"
+                )
+
+    def _load_codec(self) -> PatchCodec:
+        blob = self._meta("codec")
+        if blob is None:
+            return PatchCodec(self.config.patch_codec, self.config.dim)
+        return PatchCodec.from_bytes(self.config.patch_codec, self.config.dim, blob, str(self.db_path))
+
+    def _load_items(self) -> None:
+        code_size = self.codec.code_size
+        for iid, item_id, codes, n in self._db.execute("SELECT iid, id, codes, n_vectors FROM items"):
+            self._iid_of[item_id] = iid
+            self._id_of[iid] = item_id
+            arr = np.frombuffer(codes, dtype=np.uint8)
+            if arr.size != n * code_size:
+                raise CorruptStoreFile(f"{self.db_path}: item {item_id!r} has {arr.size} code bytes, expected {n * code_size}")
+            self._codes[iid] = arr.reshape(n, code_size)
+
+    def _new_cls_index(self) -> faiss.Index:
+        # IVF indexes carry ids themselves; IDMap2's removal assumes an order-preserving inner
+        # index, which IVF is not (FAISS asserts), so only the others are wrapped.
+        factory = self.config.cls_factory
+        prefix = "" if factory.startswith("IVF") else "IDMap2,"
+        return faiss.index_factory(self.config.dim, prefix + factory, faiss.METRIC_INNER_PRODUCT)
+
+    @staticmethod
+    def _stored_ids(index: faiss.Index) -> set[int]:
+        if hasattr(index, "id_map"):
+            return set(faiss.vector_to_array(index.id_map).tolist())
+        ivf = faiss.extract_index_ivf(index)
+        lists = ivf.invlists
+        out: set[int] = set()
+        for list_no in range(ivf.nlist):
+            size = lists.list_size(list_no)
+            if size:
+                out.update(faiss.rev_swig_ptr(lists.get_ids(list_no), size).tolist())
+        return out
+
+    def _training_size(self) -> int:
+        m = re.search(r"IVF(\d+)", self.config.cls_factory)
+        need = 39 * int(m.group(1)) if m else 1
+        return max(need, 256 * 39 if "PQ" in self.config.cls_factory else 1)
+
+    def _load_cls_index(self) -> faiss.Index:
+        snap_seq, index = self._read_snapshot()
+        if index is None:
+            index, snap_seq = self._new_cls_index(), 0
+            rows = self._db.execute("SELECT iid, cls FROM items ORDER BY iid")
+            self._index_add(index, [(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
+        else:
+            for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)):
+                if op == "del":
+                    self._index_remove(index, iid)
+                else:
+                    row = self._db.execute("SELECT cls FROM items WHERE iid = ?", (iid,)).fetchone()
+                    if row is not None:
+                        self._index_add(index, [(iid, np.frombuffer(row[0], dtype=np.float32))])
+            live = set(self._codes)
+            self._tombstones |= self._stored_ids(index) - live
+        return self._maybe_to_gpu(index)
+
+    def _maybe_to_gpu(self, index: faiss.Index) -> faiss.Index:
+        if not self.config.use_gpu or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            return index
+        try:
+            self._gpu_res = faiss.StandardGpuResources()
+            gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        except RuntimeError:  # this index type has no GPU version: stay on the CPU
+            return index
+        self.gpu = True
+        return gpu_index
+
+    # -- CLS index helpers ----------------------------------------------------------------------
+    def _index_add(self, index: faiss.Index, rows: list[tuple[int, np.ndarray]]) -> None:
+        if not rows:
+            return
+        if not index.is_trained:
+            self._pending.update(rows)
+            if len(self._pending) < self._training_size():
+                return
+            iids = np.fromiter(self._pending, dtype=np.int64)
+            vecs = np.stack([self._pending[i] for i in iids]).astype(np.float32)
+            index.train(vecs)
+            self._pending.clear()
+            index.add_with_ids(vecs, iids)
+            return
+        iids = np.array([r[0] for r in rows], dtype=np.int64)
+        index.add_with_ids(np.stack([r[1] for r in rows]).astype(np.float32), iids)
+
+    def _index_remove(self, index: faiss.Index, iid: int) -> None:
+        if self._pending.pop(iid, None) is not None:
+            return
+        # HNSW graphs cannot remove vectors (FAISS aborts rather than raising): hide the id instead;
+        # it disappears for good when the index is next rebuilt from the table.
+        removed = 0 if "HNSW" in self.config.cls_factory else index.remove_ids(np.array([iid], dtype=np.int64))
+        if not removed:
+            self._tombstones.add(iid)
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def _read_snapshot(self) -> tuple[int, faiss.Index | None]:
+        if not self.snapshot_path.is_file():
+            return 0, None
+        data = self.snapshot_path.read_bytes()
+        try:
+            if not data.startswith(SNAPSHOT_MAGIC):
+                raise ValueError("bad magic")
+            (hlen,) = struct.unpack("<I", data[len(SNAPSHOT_MAGIC) : len(SNAPSHOT_MAGIC) + 4])
+            start = len(SNAPSHOT_MAGIC) + 4
+            header = json.loads(data[start : start + hlen])
+            body = data[start + hlen :]
+            if zlib.crc32(body) != header["crc32"]:
+                raise ValueError("checksum mismatch")
+            if header["dim"] != self.config.dim or header["factory"] != self.config.cls_factory:
+                raise StoreMismatch(
+                    f"{self.snapshot_path}: snapshot for dim={header['dim']} factory={header['factory']!r}, "
+                    f"this store has dim={self.config.dim} factory={self.config.cls_factory!r}"
+                )
+            index = faiss.deserialize_index(np.frombuffer(body, dtype=np.uint8))
+        except StoreMismatch:
+            raise
+        except (ValueError, KeyError, RuntimeError, struct.error) as exc:
+            # The snapshot is only a cache of items.sqlite: rebuild rather than refuse to start.
+            self.snapshot_warning = f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
+            return 0, None
+        return int(header["seq"]), index
+
+    def snapshot(self) -> None:
+        """Write the CLS index with the change sequence it contains; atomic by rename."""
+        with self._lock:
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+            index = faiss.index_gpu_to_cpu(self._cls) if self.gpu else self._cls
+            if self._pending:  # untrained index: the pending vectors are replayed from the log
+                return
+            body = faiss.serialize_index(index).tobytes()
+            header = json.dumps({"seq": seq, "dim": self.config.dim, "factory": self.config.cls_factory,
+                                 "crc32": zlib.crc32(body)}).encode()
+            tmp = self.snapshot_path.with_suffix(".tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(SNAPSHOT_MAGIC + struct.pack("<I", len(header)) + header + body)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.snapshot_path)
+            except OSError as exc:
+                raise ReadOnlyStore(f"cannot write {self.snapshot_path}: {exc.strerror}") from exc
+            self._db.execute("DELETE FROM changes WHERE seq <= ?", (seq,))
+            self._changes_since_snapshot = 0
+
+    # -- writes ---------------------------------------------------------------------------------
+    def add(self, items: Iterable[ItemInput]) -> list[str]:
+        """Insert or replace items; returns 'created' or 'updated' per item once durable on disk."""
+        items = list(items)
+        for it in items:
+            self._validate(it)
+        with self._lock:
+            if not self.codec.is_trained:
+                self._train_codec(np.concatenate([it.vectors for it in items]))
+            encoded = [self.codec.encode(it.vectors) for it in items]
+            statuses, added, removed = [], [], []
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for it, codes in zip(items, encoded, strict=True):
+                    old = self._iid_of.get(it.id)
+                    if old is not None:
+                        self._db.execute("DELETE FROM items WHERE iid = ?", (old,))
+                        self._db.execute("INSERT INTO changes (op, iid) VALUES ('del', ?)", (old,))
+                        removed.append(old)
+                    cur = self._db.execute(
+                        "INSERT INTO items (id, metadata, cls, codes, n_vectors) VALUES (?, ?, ?, ?, ?)",
+                        (it.id, json.dumps(it.metadata), it.cls.astype(np.float32).tobytes(), codes.tobytes(),
+                         len(codes)),
+                    )
+                    iid = cur.lastrowid
+                    self._db.execute("INSERT INTO changes (op, iid) VALUES ('add', ?)", (iid,))
+                    added.append((it.id, iid, codes, it.cls.astype(np.float32)))
+                    statuses.append("updated" if old is not None else "created")
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _is_write_refusal(exc):
+                    raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
+                raise
+            for iid in removed:  # the commit is durable: now mirror it in memory
+                self._forget(iid)
+            for item_id, iid, codes, cls in added:
+                self._iid_of[item_id] = iid
+                self._id_of[iid] = item_id
+                self._codes[iid] = codes
+            self._index_add(self._cls, [(iid, cls) for _, iid, _, cls in added])
+            self._after_change(len(items))
+            return statuses
+
+    def delete(self, item_id: str) -> None:
+        with self._lock:
+            iid = self._iid_of.get(item_id)
+            if iid is None:
+                raise UnknownItem(f"no item with id {item_id!r}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("DELETE FROM items WHERE iid = ?", (iid,))
+                self._db.execute("INSERT INTO changes (op, iid) VALUES ('del', ?)", (iid,))
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _is_write_refusal(exc):
+                    raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
+                raise
+            self._forget(iid)
+            del self._iid_of[item_id]
+            self._after_change(1)
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass
+
+    def _forget(self, iid: int) -> None:
+        self._codes.pop(iid, None)
+        self._id_of.pop(iid, None)
+        self._index_remove(self._cls, iid)
+
+    def _after_change(self, n: int) -> None:
+        self._changes_since_snapshot += n
+        if self._changes_since_snapshot >= self.config.snapshot_every:
+            try:
+                self.snapshot()
+            except ReadOnlyStore:
+                pass  # the change log still holds everything; try again at the next change
+
+    def _validate(self, it: ItemInput) -> None:
+        d = self.config.dim
+        if not it.id or len(it.id) > 512:
+            raise ValueError("item ids must be 1 to 512 characters")
+        if it.cls.shape != (d,) or it.vectors.ndim != 2 or it.vectors.shape[1] != d or len(it.vectors) == 0:
+            raise ValueError(f"item {it.id!r}: expected cls [{d}] and vectors [n>0, {d}]")
+        if not (np.isfinite(it.cls).all() and np.isfinite(it.vectors).all()):
+            raise ValueError(f"item {it.id!r}: vectors contain NaN or infinity")
+
+    def _train_codec(self, sample: np.ndarray) -> None:
+        need = self.codec.min_training_vectors()
+        if len(sample) < need:
+            raise ValueError(
+                f"the {self.config.patch_codec} codec needs {need} vectors to train; the first batch has "
+                f"{len(sample)}: add a larger first batch or call train_codec()"
+            )
+        self.train_codec(sample)
+
+    def train_codec(self, sample: np.ndarray) -> None:
+        """Train the patch codec (SQ8 ranges, PQ centroids) on a sample of patch vectors."""
+        with self._lock:
+            if self._codes:
+                raise ValueError("the codec can only be trained on an empty store")
+            self.codec.train(sample)
+            try:
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('codec', ?)", (self.codec.to_bytes(),))
+            except sqlite3.OperationalError as exc:
+                raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
+
+    # -- reads ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._iid_of)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._iid_of
+
+    def counts(self) -> dict[str, int]:
+        """Items in each structure; equal in a consistent store."""
+        with self._lock:
+            rows = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            in_index = self._cls.ntotal + len(self._pending) - len(self._tombstones)
+            return {"metadata": rows, "cls": int(in_index), "patches": len(self._codes), "ids": len(self._iid_of)}
+
+    def get(self, item_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT metadata, n_vectors FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise UnknownItem(f"no item with id {item_id!r}")
+        return {"id": item_id, "metadata": json.loads(row[0]), "n_vectors": row[1]}
+
+    def list(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, metadata FROM items ORDER BY iid LIMIT ? OFFSET ?", (limit, offset)
+            ).fetchall()
+        return [{"id": r[0], "metadata": json.loads(r[1])} for r in rows]
+
+    def vectors(self, item_id: str) -> np.ndarray:
+        iid = self._iid_of.get(item_id)
+        if iid is None:
+            raise UnknownItem(f"no item with id {item_id!r}")
+        return self.codec.decode(self._codes[iid])
+
+    def bytes_per_item(self) -> float:
+        if not self._codes:
+            return 0.0
+        return float(np.mean([c.nbytes for c in self._codes.values()]))
+
+    def search(
+        self,
+        query_cls: np.ndarray,
+        query_tokens: np.ndarray | None = None,
+        query_mask: np.ndarray | None = None,
+        k: int = 10,
+        candidates: int = 100,
+        rerank: bool = True,
+        explain: bool = False,
+        cls_weight: float = 0.0,
+    ) -> list[SearchHit]:
+        """Stage 1: top `candidates` by CLS inner product. Stage 2 (rerank): CMLI of the query's
+        tokens against each candidate's decoded vectors (seed 004, eq. 4); the final score is
+        cls_weight * cls + (1 - cls_weight) * cmli, sorted, top k."""
+        candidates = max(candidates, k)
+        with self._lock:
+            iids, cls_scores = self._cls_search(query_cls, candidates)
+            codes = [self._codes[i] for i in iids]
+            names = [self._id_of[int(i)] for i in iids]
+        if len(iids) == 0:
+            return []
+        cmli = matches = None
+        final = cls_scores.copy()
+        if rerank and query_tokens is not None and query_mask is not None:
+            decoded, valid = pad_candidates([self.codec.decode(c) for c in codes])
+            cmli, matches = rerank_cmli(query_tokens, query_mask, decoded, valid)
+            final = cls_weight * cls_scores + (1 - cls_weight) * cmli
+        order = np.argsort(-final, kind="stable")[:k]
+        meta = self._metadata([int(iids[i]) for i in order])
+        return [
+            SearchHit(
+                id=names[i],
+                score=float(final[i]),
+                cls_score=float(cls_scores[i]),
+                cmli_score=None if cmli is None else float(cmli[i]),
+                metadata=meta.get(int(iids[i]), {}),
+                matches=matches[i].tolist() if (explain and matches is not None) else None,
+            )
+            for i in order
+        ]
+
+    def _cls_search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        iids, scores = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        if self._cls.ntotal:
+            fetch = min(n + len(self._tombstones), self._cls.ntotal)
+            s, i = self._cls.search(q, fetch)
+            keep = (i[0] >= 0) & np.array([x not in self._tombstones for x in i[0]], dtype=bool)
+            iids, scores = i[0][keep], s[0][keep]
+        if self._pending:  # not yet trained: exact search over the waiting vectors
+            p_iids = np.fromiter(self._pending, dtype=np.int64)
+            p_scores = np.stack([self._pending[x] for x in p_iids]) @ q[0]
+            iids, scores = np.concatenate([iids, p_iids]), np.concatenate([scores, p_scores])
+            order = np.argsort(-scores, kind="stable")
+            iids, scores = iids[order], scores[order]
+        return iids[:n], scores[:n].astype(np.float32)
+
+    def _metadata(self, iids: list[int]) -> dict[int, dict]:
+        if not iids:
+            return {}
+        marks = ",".join("?" * len(iids))
+        with self._lock:
+            rows = self._db.execute(f"SELECT iid, metadata FROM items WHERE iid IN ({marks})", iids).fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self.snapshot()
+            except ReadOnlyStore:
+                pass
+            self._db.close()

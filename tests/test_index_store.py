@@ -1,0 +1,225 @@
+"""The store: ids, upsert, delete, persistence, crash safety, corrupt files and rerank order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from index import CorruptStoreFile, StoreConfig, StoreMismatch, UnknownItem, VectorStore
+from index.cmli import rerank_cmli
+from index.store import ItemInput
+from tests.conftest import unit
+from tests.reference import cmli_t2i_loop
+
+D = 16
+
+
+def item(rng: np.random.Generator, name: str, n: int = 12, meta: dict | None = None) -> ItemInput:
+    return ItemInput(name, unit(rng.normal(size=D)), unit(rng.normal(size=(n, D))), meta or {"name": name})
+
+
+def cfg(**kw) -> StoreConfig:
+    return StoreConfig(dim=D, model="test-model", **kw)
+
+
+def test_add_get_count_and_list(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg())
+    assert store.add([item(rng, "a"), item(rng, "b", meta={"x": 1})]) == ["created", "created"]
+    assert len(store) == 2 and "a" in store and "zzz" not in store
+    assert store.get("b") == {"id": "b", "metadata": {"x": 1}, "n_vectors": 12}
+    assert [r["id"] for r in store.list(limit=1, offset=1)] == ["b"]
+    with pytest.raises(UnknownItem):
+        store.get("nope")
+
+
+def test_upsert_replaces_vectors_and_metadata(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg())
+    first = item(rng, "a")
+    store.add([first, item(rng, "b")])
+    second = item(rng, "a", n=5, meta={"v": 2})
+    assert store.add([second]) == ["updated"]
+    assert len(store) == 2
+    assert store.get("a")["metadata"] == {"v": 2}
+    np.testing.assert_allclose(store.vectors("a"), second.vectors, atol=1e-3)
+    hits = store.search(second.cls, k=1, rerank=False)
+    assert hits[0].id == "a" and hits[0].cls_score == pytest.approx(1.0, abs=1e-5)
+    assert store.counts() == {"metadata": 2, "cls": 2, "patches": 2, "ids": 2}
+
+
+def test_delete_removes_from_search(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg())
+    items = [item(rng, f"i{n}") for n in range(20)]
+    store.add(items)
+    store.delete("i3")
+    assert "i3" not in store
+    assert all(h.id != "i3" for h in store.search(items[3].cls, k=20, rerank=False))
+    with pytest.raises(UnknownItem):
+        store.delete("i3")
+    assert store.counts()["cls"] == 19
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
+def test_persistence_across_restart(tmp_path, rng, factory):
+    store = VectorStore(tmp_path, cfg(cls_factory=factory, snapshot_every=7))
+    items = [item(rng, f"i{n}") for n in range(200)]
+    for start in range(0, 200, 25):
+        store.add(items[start : start + 25])
+    store.delete("i10")
+    store.add([item(rng, "i11", meta={"new": True})])
+    before = [(h.id, round(h.score, 5)) for h in store.search(items[50].cls, k=5, rerank=False)]
+    store._db.close()  # no clean snapshot: the next open must replay the change log
+    again = VectorStore(tmp_path, cfg(cls_factory=factory, snapshot_every=7))
+    assert len(again) == 199 and "i10" not in again
+    assert again.get("i11")["metadata"] == {"new": True}
+    assert [(h.id, round(h.score, 5)) for h in again.search(items[50].cls, k=5, rerank=False)] == before
+    assert again.counts() == {"metadata": 199, "cls": 199, "patches": 199, "ids": 199}
+
+
+def test_rerank_matches_bruteforce_cmli(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg(patch_codec="SQfp16"))
+    items = [item(rng, f"i{n}", n=int(rng.integers(3, 20))) for n in range(40)]
+    store.add(items)
+    q_cls = unit(rng.normal(size=D))
+    q_tok = unit(rng.normal(size=(7, D)))
+    q_mask = np.array([0, 1, 1, 1, 1, 0, 0])
+    hits = store.search(q_cls, q_tok, q_mask, k=10, candidates=40, rerank=True, cls_weight=0.0, explain=True)
+    ref = sorted(((cmli_t2i_loop(q_tok, q_mask, it.vectors), it.id) for it in items), reverse=True)[:10]
+    assert [h.id for h in hits] == [name for _, name in ref]
+    for h, (score, _) in zip(hits, ref, strict=True):
+        assert h.cmli_score == pytest.approx(score, abs=2e-3)
+        assert h.score == pytest.approx(h.cmli_score)
+    best = hits[0]
+    vecs = next(it.vectors for it in items if it.id == best.id)
+    for j in (1, 2, 3, 4):
+        assert best.matches[j] == int(np.argmax(vecs @ q_tok[j]))
+
+
+def test_fusion_weight_one_is_cls_order(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg())
+    store.add([item(rng, f"i{n}") for n in range(30)])
+    q = unit(rng.normal(size=D))
+    plain = [h.id for h in store.search(q, k=10, candidates=30, rerank=False)]
+    fused = store.search(q, unit(rng.normal(size=(4, D))), np.ones(4), k=10, candidates=30, cls_weight=1.0)
+    assert [h.id for h in fused] == plain
+
+
+def test_rerank_numpy_handles_padding(rng):
+    a, b = unit(rng.normal(size=(3, D))), unit(rng.normal(size=(9, D)))
+    cand = np.zeros((2, 9, D), dtype=np.float32)
+    cand[0, :3], cand[1] = a, b
+    valid = np.zeros((2, 9), dtype=bool)
+    valid[0, :3], valid[1] = True, True
+    tok = unit(rng.normal(size=(5, D)))
+    mask = np.array([1, 1, 0, 1, 1])
+    scores, _ = rerank_cmli(tok, mask, cand, valid)
+    assert scores[0] == pytest.approx(cmli_t2i_loop(tok, mask, a), abs=1e-5)
+    assert scores[1] == pytest.approx(cmli_t2i_loop(tok, mask, b), abs=1e-5)
+
+
+@pytest.mark.parametrize(("codec", "max_bytes", "min_overlap"), [("SQfp16", 2 * D * 12, 1.0), ("SQ8", D * 12, 0.9)])
+def test_codecs_size_and_rerank_quality(tmp_path, rng, codec, max_bytes, min_overlap):
+    exact = VectorStore(tmp_path / "exact", cfg(patch_codec="SQfp16"))
+    coded = VectorStore(tmp_path / codec, cfg(patch_codec=codec))
+    items = [item(rng, f"i{n}") for n in range(60)]
+    exact.add(items)
+    coded.add(items)
+    assert coded.bytes_per_item() <= max_bytes
+    overlaps = []
+    for _ in range(10):
+        q, t = unit(rng.normal(size=D)), unit(rng.normal(size=(6, D)))
+        a = {h.id for h in exact.search(q, t, np.ones(6), k=10, candidates=60)}
+        b = {h.id for h in coded.search(q, t, np.ones(6), k=10, candidates=60)}
+        overlaps.append(len(a & b) / 10)
+    assert np.mean(overlaps) >= min_overlap
+
+
+def test_pq_codec_needs_training_data(tmp_path, rng):
+    store = VectorStore(tmp_path, StoreConfig(dim=D, model="m", patch_codec="PQ4x8"))
+    with pytest.raises(ValueError, match="needs 9984 vectors"):
+        store.add([item(rng, "a")])
+    store.train_codec(unit(rng.normal(size=(10000, D))))
+    store.add([item(rng, "a")])
+    assert store.bytes_per_item() == 12 * 4
+
+
+def test_mismatched_model_or_dim_is_refused(tmp_path, rng):
+    VectorStore(tmp_path, cfg()).add([item(rng, "a")])
+    with pytest.raises(StoreMismatch, match="items.sqlite.*model"):
+        VectorStore(tmp_path, StoreConfig(dim=D, model="other"))
+    with pytest.raises(StoreMismatch, match="dim"):
+        VectorStore(tmp_path, StoreConfig(dim=D * 2, model="test-model"))
+
+
+def test_corrupt_database_is_refused_with_its_name(tmp_path):
+    (tmp_path / "items.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(CorruptStoreFile, match="items.sqlite"):
+        VectorStore(tmp_path, cfg())
+
+
+def test_corrupt_snapshot_is_rebuilt_from_the_database(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg())
+    items = [item(rng, f"i{n}") for n in range(10)]
+    store.add(items)
+    store.close()
+    data = bytearray((tmp_path / "cls.faiss").read_bytes())
+    data[-20:] = b"\x00" * 20
+    (tmp_path / "cls.faiss").write_bytes(bytes(data))
+    again = VectorStore(tmp_path, cfg())
+    assert "cls.faiss" in again.snapshot_warning
+    assert again.search(items[4].cls, k=1, rerank=False)[0].id == "i4"
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from index import StoreConfig, VectorStore
+    from index.store import ItemInput
+    store = VectorStore(sys.argv[1], StoreConfig(dim=16, model="test-model", snapshot_every=13))
+    rng = np.random.default_rng(1)
+    n = 0
+    while True:
+        batch = []
+        for _ in range(3):
+            v = rng.normal(size=(8, 16)).astype(np.float32)
+            c = rng.normal(size=16).astype(np.float32)
+            batch.append(ItemInput(f"k{n}", c / np.linalg.norm(c), v, {"n": n}))
+            n += 1
+        store.add(batch)
+        print("ACK", " ".join(it.id for it in batch), flush=True)
+        if n % 7 == 0:
+            store.delete(f"k{n - 5}")
+            print("DEL", f"k{n - 5}", flush=True)
+    """
+)
+
+
+def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    acked, deleted = set(), set()
+    for line in proc.stdout:
+        kind, *names = line.split()
+        (acked if kind == "ACK" else deleted).update(names)
+        if len(acked) >= 300:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = VectorStore(tmp_path, StoreConfig(dim=16, model="test-model"))
+    present = {r["id"] for r in store.list(limit=100000)}
+    assert acked - deleted <= present
+    assert not (deleted & present)
+    counts = store.counts()
+    assert counts["metadata"] == counts["cls"] == counts["patches"] == len(store)
+    some = sorted(acked - deleted)[0]
+    assert store.search(_cls_of(store, some), k=1, rerank=False)[0].id == some
+
+
+def _cls_of(store: VectorStore, name: str) -> np.ndarray:
+    row = store._db.execute("SELECT cls FROM items WHERE id = ?", (name,)).fetchone()
+    return np.frombuffer(row[0], dtype=np.float32)

@@ -1,0 +1,172 @@
+"""Export a checkpoint to the serving contract: `image.onnx`, `text.onnx`, `tokenizer.json` and
+`model.json` (see docs/model-card.md). The export checks itself against torch on fresh random inputs
+and refuses to leave a model that disagrees."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.checkpoint import load_checkpoint
+from model.emkum import Emkum
+from model.pretrained import minilm_dir
+
+FORMAT_VERSION = 1
+OPSET = 17
+
+
+class ImageGraph(nn.Module):
+    """pixels [B, 3, S, S] (normalised with model.json's mean/std) -> cls [B, P], patches [B, N, P]."""
+
+    def __init__(self, model: Emkum) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.encode_image(pixels, with_kd=False)
+        return out.cls, out.patches
+
+
+class TextGraph(nn.Module):
+    """ids, mask [B, L] int64 -> cls [B, P], tokens [B, L, P], token_mask [B, L] (1 = a word)."""
+
+    def __init__(self, model: Emkum) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.encode_text(ids, mask, with_kd=False)
+        return out.cls, out.tokens, out.token_mask
+
+
+class ExportMismatch(RuntimeError):
+    pass
+
+
+def _random_inputs(model: Emkum, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    v, t = model.cfg.vision, model.cfg.text
+    pixels = torch.randn(3, 3, v.image_size, v.image_size, generator=g)
+    length = min(12, t.max_length)
+    ids = torch.randint(1000, t.vocab_size, (3, length), generator=g)
+    mask = torch.ones(3, length, dtype=torch.int64)
+    mask[1, length // 2 :] = 0  # a padded row
+    ids[:, 0] = t.cls_token_id
+    for row in range(3):
+        last = int(mask[row].sum()) - 1
+        ids[row, last] = t.sep_token_id
+        ids[row, last + 1 :] = t.pad_token_id
+    return pixels, ids, mask
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-12))
+
+
+def check_parity(model: Emkum, image_path: Path, text_path: Path, tolerance: float, seed: int) -> dict:
+    """Run ONNX Runtime and torch on the same fresh random inputs; every output must agree."""
+    import onnxruntime as ort
+
+    pixels, ids, mask = _random_inputs(model, seed)
+    with torch.no_grad():
+        ref_img = [x.float().numpy() for x in ImageGraph(model)(pixels)]
+        ref_txt = [x.float().numpy() for x in TextGraph(model)(ids, mask)]
+    cpu = ["CPUExecutionProvider"]
+    img = ort.InferenceSession(str(image_path), providers=cpu).run(None, {"pixels": pixels.numpy()})
+    txt = ort.InferenceSession(str(text_path), providers=cpu).run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
+    errors = {}
+    for name, got, ref in zip(("cls", "patches"), img, ref_img, strict=True):
+        errors[f"image.{name}"] = relative_error(got, ref)
+    keep = mask.numpy().astype(bool)
+    for name, got, ref in zip(("cls", "tokens", "token_mask"), txt, ref_txt, strict=True):
+        if name == "tokens":  # padded positions are never read: compare real tokens only
+            got, ref = got[keep], ref[keep]
+        errors[f"text.{name}"] = relative_error(got, ref)
+    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+    if bad:
+        raise ExportMismatch(f"ONNX Runtime disagrees with torch beyond {tolerance}: {bad}")
+    return errors
+
+
+def _export_graphs(model: Emkum, folder: Path) -> None:
+    pixels, ids, mask = _random_inputs(model, 0)
+    kwargs = {"opset_version": OPSET, "dynamo": False, "do_constant_folding": True}
+    torch.onnx.export(
+        ImageGraph(model), (pixels,), str(folder / "image.onnx"), input_names=["pixels"],
+        output_names=["cls", "patches"], dynamic_axes={"pixels": {0: "batch"}, "cls": {0: "batch"},
+                                                      "patches": {0: "batch"}}, **kwargs,
+    )
+    torch.onnx.export(
+        TextGraph(model), (ids, mask), str(folder / "text.onnx"), input_names=["ids", "mask"],
+        output_names=["cls", "tokens", "token_mask"],
+        dynamic_axes={"ids": {0: "batch", 1: "length"}, "mask": {0: "batch", 1: "length"},
+                      "cls": {0: "batch"}, "tokens": {0: "batch", 1: "length"},
+                      "token_mask": {0: "batch", 1: "length"}}, **kwargs,
+    )
+
+
+def model_card(model: Emkum, header: dict, name: str, parity: dict) -> dict:
+    cfg = model.cfg
+    extra = header.get("extra", {})
+    val = extra.get("val") or {}
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "files": {"image": "image.onnx", "text": "text.onnx", "tokenizer": "tokenizer.json"},
+        "dim": cfg.proj_dim,
+        "image": {
+            "size": cfg.vision.image_size,
+            "patch_size": cfg.vision.patch_size,
+            "grid": cfg.vision.grid,
+            "num_patches": cfg.vision.num_patches,
+            "mean": list(cfg.vision.mean),
+            "std": list(cfg.vision.std),
+            "resize": "bicubic, squash to a square (as in training)",
+        },
+        "text": {
+            "max_length": cfg.text.max_length,
+            "cls_token_id": cfg.text.cls_token_id,
+            "sep_token_id": cfg.text.sep_token_id,
+            "pad_token_id": cfg.text.pad_token_id,
+            "vocab_size": cfg.text.vocab_size,
+        },
+        "rerank": {"cls_weight": float(val.get("cls_weight", 0.5)), "candidates": int(val.get("candidates", 20))},
+        "metrics": {"val": {k: val[k] for k in ("cls", "rerank", "cmli_only") if k in val}},
+        "training": extra.get("train_config", {}),
+        "init": header["init"].to_dict(),
+        "model_config": cfg.to_dict(),
+        "export": {
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "opset": OPSET,
+            "parity_relative_error": parity,
+        },
+    }
+
+
+def export(
+    checkpoint: Path, out_dir: Path, name: str | None = None, tokenizer: Path | None = None,
+    tolerance: float = 1e-4, seed: int | None = None,
+) -> dict:
+    """Export and verify in a temporary folder, then move into `out_dir` only if the check passed."""
+    model, header = load_checkpoint(Path(checkpoint))
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent if out_dir.parent.exists() else None) as tmp:
+        folder = Path(tmp)
+        _export_graphs(model, folder)
+        check_seed = seed if seed is not None else int.from_bytes(np.random.bytes(4), "little")
+        parity = check_parity(model, folder / "image.onnx", folder / "text.onnx", tolerance, check_seed)
+        shutil.copy(tokenizer or minilm_dir() / "tokenizer.json", folder / "tokenizer.json")
+        card = model_card(model, header, name or model.cfg.name, parity)
+        (folder / "model.json").write_text(json.dumps(card, indent=2))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in ("image.onnx", "text.onnx", "tokenizer.json", "model.json"):
+            shutil.move(str(folder / f), out_dir / f)
+    return card
