@@ -1,7 +1,7 @@
 """Errors the store raises; each names the problem (and the file, where one is involved)."""
 
 
-class IndexError_(Exception):  # noqa: N801 - avoid shadowing the builtin IndexError
+class IndexError_(Exception):
     """Base class for store errors."""
 
 

@@ -18,6 +18,7 @@ import re
 import sqlite3
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ class VectorStore:
             self._id_of[iid] = item_id
             arr = np.frombuffer(codes, dtype=np.uint8)
             if arr.size != n * code_size:
-                raise CorruptStoreFile(f"{self.db_path}: item {item_id!r} has {arr.size} code bytes, expected {n * code_size}")
+                raise CorruptStoreFile(
+                    f"{self.db_path}: item {item_id!r} has {arr.size} code bytes, expected {n * code_size}"
+                )
             self._codes[iid] = arr.reshape(n, code_size)
 
     def _new_cls_index(self) -> faiss.Index:
@@ -180,7 +183,9 @@ class VectorStore:
             rows = self._db.execute("SELECT iid, cls FROM items ORDER BY iid")
             self._index_add(index, [(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
         else:
-            for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)):
+            for op, iid in self._db.execute(
+                "SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)
+            ):
                 if op == "del":
                     self._index_remove(index, iid)
                 else:
@@ -224,7 +229,9 @@ class VectorStore:
             return
         # HNSW graphs cannot remove vectors (FAISS aborts rather than raising): hide the id instead;
         # it disappears for good when the index is next rebuilt from the table.
-        removed = 0 if "HNSW" in self.config.cls_factory else index.remove_ids(np.array([iid], dtype=np.int64))
+        removed = (
+            0 if "HNSW" in self.config.cls_factory else index.remove_ids(np.array([iid], dtype=np.int64))
+        )
         if not removed:
             self._tombstones.add(iid)
 
@@ -252,7 +259,9 @@ class VectorStore:
             raise
         except (ValueError, KeyError, RuntimeError, struct.error) as exc:
             # The snapshot is only a cache of items.sqlite: rebuild rather than refuse to start.
-            self.snapshot_warning = f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
+            self.snapshot_warning = (
+                f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
+            )
             return 0, None
         return int(header["seq"]), index
 
@@ -264,8 +273,14 @@ class VectorStore:
             if self._pending:  # untrained index: the pending vectors are replayed from the log
                 return
             body = faiss.serialize_index(index).tobytes()
-            header = json.dumps({"seq": seq, "dim": self.config.dim, "factory": self.config.cls_factory,
-                                 "crc32": zlib.crc32(body)}).encode()
+            header = json.dumps(
+                {
+                    "seq": seq,
+                    "dim": self.config.dim,
+                    "factory": self.config.cls_factory,
+                    "crc32": zlib.crc32(body),
+                }
+            ).encode()
             tmp = self.snapshot_path.with_suffix(".tmp")
             try:
                 with open(tmp, "wb") as f:
@@ -299,8 +314,13 @@ class VectorStore:
                         removed.append(old)
                     cur = self._db.execute(
                         "INSERT INTO items (id, metadata, cls, codes, n_vectors) VALUES (?, ?, ?, ?, ?)",
-                        (it.id, json.dumps(it.metadata), it.cls.astype(np.float32).tobytes(), codes.tobytes(),
-                         len(codes)),
+                        (
+                            it.id,
+                            json.dumps(it.metadata),
+                            it.cls.astype(np.float32).tobytes(),
+                            codes.tobytes(),
+                            len(codes),
+                        ),
                     )
                     iid = cur.lastrowid
                     self._db.execute("INSERT INTO changes (op, iid) VALUES ('add', ?)", (iid,))
@@ -401,11 +421,18 @@ class VectorStore:
         with self._lock:
             rows = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             in_index = self._cls.ntotal + len(self._pending) - len(self._tombstones)
-            return {"metadata": rows, "cls": int(in_index), "patches": len(self._codes), "ids": len(self._iid_of)}
+            return {
+                "metadata": rows,
+                "cls": int(in_index),
+                "patches": len(self._codes),
+                "ids": len(self._iid_of),
+            }
 
     def get(self, item_id: str) -> dict[str, Any]:
         with self._lock:
-            row = self._db.execute("SELECT metadata, n_vectors FROM items WHERE id = ?", (item_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT metadata, n_vectors FROM items WHERE id = ?", (item_id,)
+            ).fetchone()
         if row is None:
             raise UnknownItem(f"no item with id {item_id!r}")
         return {"id": item_id, "metadata": json.loads(row[0]), "n_vectors": row[1]}
@@ -438,17 +465,22 @@ class VectorStore:
         rerank: bool = True,
         explain: bool = False,
         cls_weight: float = 0.0,
+        timings: dict[str, float] | None = None,
     ) -> list[SearchHit]:
         """Stage 1: top `candidates` by CLS inner product. Stage 2 (rerank): CMLI of the query's
         tokens against each candidate's decoded vectors (seed 004, eq. 4); the final score is
         cls_weight * cls + (1 - cls_weight) * cmli, sorted, top k."""
         candidates = max(candidates, k)
+        timings = {} if timings is None else timings
+        start = time.perf_counter()
         with self._lock:
             iids, cls_scores = self._cls_search(query_cls, candidates)
             codes = [self._codes[i] for i in iids]
             names = [self._id_of[int(i)] for i in iids]
+        timings["ann"] = time.perf_counter() - start
         if len(iids) == 0:
             return []
+        start = time.perf_counter()
         cmli = matches = None
         final = cls_scores.copy()
         if rerank and query_tokens is not None and query_mask is not None:
@@ -456,6 +488,8 @@ class VectorStore:
             cmli, matches = rerank_cmli(query_tokens, query_mask, decoded, valid)
             final = cls_weight * cls_scores + (1 - cls_weight) * cmli
         order = np.argsort(-final, kind="stable")[:k]
+        if cmli is not None:
+            timings["rerank"] = time.perf_counter() - start
         meta = self._metadata([int(iids[i]) for i in order])
         return [
             SearchHit(
@@ -490,7 +524,9 @@ class VectorStore:
             return {}
         marks = ",".join("?" * len(iids))
         with self._lock:
-            rows = self._db.execute(f"SELECT iid, metadata FROM items WHERE iid IN ({marks})", iids).fetchall()
+            rows = self._db.execute(
+                f"SELECT iid, metadata FROM items WHERE iid IN ({marks})", iids
+            ).fetchall()
         return {r[0]: json.loads(r[1]) for r in rows}
 
     def close(self) -> None:

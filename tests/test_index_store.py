@@ -122,7 +122,9 @@ def test_rerank_numpy_handles_padding(rng):
     assert scores[1] == pytest.approx(cmli_t2i_loop(tok, mask, b), abs=1e-5)
 
 
-@pytest.mark.parametrize(("codec", "max_bytes", "min_overlap"), [("SQfp16", 2 * D * 12, 1.0), ("SQ8", D * 12, 0.9)])
+@pytest.mark.parametrize(
+    ("codec", "max_bytes", "min_overlap"), [("SQfp16", 2 * D * 12, 1.0), ("SQ8", D * 12, 0.9)]
+)
 def test_codecs_size_and_rerank_quality(tmp_path, rng, codec, max_bytes, min_overlap):
     exact = VectorStore(tmp_path / "exact", cfg(patch_codec="SQfp16"))
     coded = VectorStore(tmp_path / codec, cfg(patch_codec=codec))
@@ -201,7 +203,9 @@ CHILD = textwrap.dedent(
 
 def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     acked, deleted = set(), set()
     for line in proc.stdout:
         kind, *names = line.split()

@@ -80,7 +80,9 @@ def check_parity(model: Emkum, image_path: Path, text_path: Path, tolerance: flo
         ref_txt = [x.float().numpy() for x in TextGraph(model)(ids, mask)]
     cpu = ["CPUExecutionProvider"]
     img = ort.InferenceSession(str(image_path), providers=cpu).run(None, {"pixels": pixels.numpy()})
-    txt = ort.InferenceSession(str(text_path), providers=cpu).run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
+    txt = ort.InferenceSession(str(text_path), providers=cpu).run(
+        None, {"ids": ids.numpy(), "mask": mask.numpy()}
+    )
     errors = {}
     for name, got, ref in zip(("cls", "patches"), img, ref_img, strict=True):
         errors[f"image.{name}"] = relative_error(got, ref)
@@ -99,16 +101,28 @@ def _export_graphs(model: Emkum, folder: Path) -> None:
     pixels, ids, mask = _random_inputs(model, 0)
     kwargs = {"opset_version": OPSET, "dynamo": False, "do_constant_folding": True}
     torch.onnx.export(
-        ImageGraph(model), (pixels,), str(folder / "image.onnx"), input_names=["pixels"],
-        output_names=["cls", "patches"], dynamic_axes={"pixels": {0: "batch"}, "cls": {0: "batch"},
-                                                      "patches": {0: "batch"}}, **kwargs,
+        ImageGraph(model),
+        (pixels,),
+        str(folder / "image.onnx"),
+        input_names=["pixels"],
+        output_names=["cls", "patches"],
+        dynamic_axes={"pixels": {0: "batch"}, "cls": {0: "batch"}, "patches": {0: "batch"}},
+        **kwargs,
     )
     torch.onnx.export(
-        TextGraph(model), (ids, mask), str(folder / "text.onnx"), input_names=["ids", "mask"],
+        TextGraph(model),
+        (ids, mask),
+        str(folder / "text.onnx"),
+        input_names=["ids", "mask"],
         output_names=["cls", "tokens", "token_mask"],
-        dynamic_axes={"ids": {0: "batch", 1: "length"}, "mask": {0: "batch", 1: "length"},
-                      "cls": {0: "batch"}, "tokens": {0: "batch", 1: "length"},
-                      "token_mask": {0: "batch", 1: "length"}}, **kwargs,
+        dynamic_axes={
+            "ids": {0: "batch", 1: "length"},
+            "mask": {0: "batch", 1: "length"},
+            "cls": {0: "batch"},
+            "tokens": {0: "batch", 1: "length"},
+            "token_mask": {0: "batch", 1: "length"},
+        },
+        **kwargs,
     )
 
 
@@ -137,7 +151,10 @@ def model_card(model: Emkum, header: dict, name: str, parity: dict) -> dict:
             "pad_token_id": cfg.text.pad_token_id,
             "vocab_size": cfg.text.vocab_size,
         },
-        "rerank": {"cls_weight": float(val.get("cls_weight", 0.5)), "candidates": int(val.get("candidates", 20))},
+        "rerank": {
+            "cls_weight": float(val.get("cls_weight", 0.5)),
+            "candidates": int(val.get("candidates", 20)),
+        },
         "metrics": {"val": {k: val[k] for k in ("cls", "rerank", "cmli_only") if k in val}},
         "training": extra.get("train_config", {}),
         "init": header["init"].to_dict(),
@@ -152,8 +169,12 @@ def model_card(model: Emkum, header: dict, name: str, parity: dict) -> dict:
 
 
 def export(
-    checkpoint: Path, out_dir: Path, name: str | None = None, tokenizer: Path | None = None,
-    tolerance: float = 1e-4, seed: int | None = None,
+    checkpoint: Path,
+    out_dir: Path,
+    name: str | None = None,
+    tokenizer: Path | None = None,
+    tolerance: float = 1e-4,
+    seed: int | None = None,
 ) -> dict:
     """Export and verify in a temporary folder, then move into `out_dir` only if the check passed."""
     model, header = load_checkpoint(Path(checkpoint))

@@ -1,0 +1,111 @@
+"""The application factory: settings -> loaded model, encoders and store -> routers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib import metadata
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+
+from index import StoreConfig, VectorStore
+from service import metrics
+from service.deps import AppState
+from service.encoders import Encoders
+from service.errors import error_response, install_handlers
+from service.modelcard import load_model_card
+from service.routes import embed, health, items, search, web
+from service.settings import Settings
+from service.tokenizer import TextTokenizer
+
+log = logging.getLogger("emkum")
+
+
+def load_state(state: AppState) -> None:
+    s = state.settings
+    card = load_model_card(s.model_dir)
+    encoders = Encoders(
+        s.model_dir, card, s.providers, s.fp16, s.intra_op_threads, s.max_batch, s.max_wait_ms, s.queue_size
+    )
+    store = VectorStore(
+        s.data_dir,
+        StoreConfig(
+            dim=card["dim"],
+            model=card["name"],
+            cls_factory=s.cls_factory,
+            patch_codec=s.patch_codec,
+            use_gpu=s.use_gpu_index,
+            snapshot_every=s.snapshot_every,
+        ),
+    )
+    state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
+    state.thumbs = Path(s.data_dir) / "thumbnails"
+    state.thumbs.mkdir(parents=True, exist_ok=True)
+    state.card, state.encoders, state.store = card, encoders, store
+    metrics.ITEMS.set(len(store))
+    metrics.MODEL.info(
+        {
+            "model": card["name"],
+            "provider": encoders.provider,
+            "dim": str(card["dim"]),
+            "index_on_gpu": str(store.gpu).lower(),
+            "cls_factory": s.cls_factory,
+            "patch_codec": s.patch_codec,
+        }
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            load_state(state)
+            log.info(
+                "ready: %s on %s, %d items", state.card["name"], state.encoders.provider, len(state.store)
+            )
+        except Exception as exc:  # keep serving /healthz and a /readyz that says why
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("not ready: %s", state.load_error)
+        yield
+        if state.encoders:
+            state.encoders.close()
+        if state.store:
+            state.store.close()
+
+    try:
+        version = metadata.version("emkum-retrieval")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    app = FastAPI(
+        title="EMKUM retrieval",
+        version=version,
+        lifespan=lifespan,
+        description="Image search by text with fine-grained (CMLI) matching.",
+    )
+    app.state.emkum = state
+    install_handlers(app)
+    body_limit = settings.max_files * settings.max_image_bytes + 1024 * 1024
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > body_limit:
+            return error_response(
+                413, "request_too_large", f"request body of {length} bytes, limit {body_limit}"
+            )
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+        metrics.REQUEST_LATENCY.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    for router in (health.router, embed.router, items.router, search.router, web.router):
+        app.include_router(router)
+    return app

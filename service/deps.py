@@ -1,0 +1,79 @@
+"""Shared dependencies: the loaded state (settings, model, encoders, store), and the API key check."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Header, Request
+
+from index import VectorStore
+from service.encoders import Encoders, QueueFull
+from service.errors import ApiError
+from service.settings import Settings
+from service.tokenizer import TextTokenizer
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    card: dict[str, Any] | None = None
+    encoders: Encoders | None = None
+    store: VectorStore | None = None
+    tokenizer: TextTokenizer | None = None
+    thumbs: Path | None = None
+    load_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.encoders is not None and self.store is not None
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.emkum
+    if not state.ready:
+        raise ApiError(
+            503,
+            "not_ready",
+            state.load_error or "the model and index are still loading",
+            {"Retry-After": "5"},
+        )
+    return state
+
+
+def require_api_key(request: Request, x_api_key: str | None = Header(default=None)) -> None:
+    """Write endpoints need `X-API-Key` when a key is configured. hmac.compare_digest keeps the time
+    of a wrong key independent of how many leading characters were right."""
+    expected = request.app.state.emkum.settings.api_key
+    if expected is None:
+        return
+    given = (x_api_key or "").encode()
+    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "a valid X-API-Key header is required for this endpoint")
+
+
+async def run_encoder(state: AppState, batcher_name: str, payload: Any) -> Any:
+    """Submit one input to an encoder's micro-batcher and wait for it, bounded by the timeout."""
+    batcher = getattr(state.encoders, batcher_name)
+    try:
+        future = batcher.submit(payload)
+    except QueueFull:
+        raise ApiError(
+            503,
+            "overloaded",
+            f"the {batcher_name} encoder queue is full; retry shortly",
+            {"Retry-After": "1"},
+        ) from None
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), state.settings.request_timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise ApiError(
+            504,
+            "timeout",
+            f"the {batcher_name} encoder did not answer within {state.settings.request_timeout_s} s",
+        ) from None

@@ -1,0 +1,184 @@
+"""ONNX Runtime encoders behind dynamic micro-batchers.
+
+Concurrent requests put their inputs on a bounded queue; one worker thread per encoder takes up to
+`max_batch` inputs, waiting at most `max_wait_ms` for more after the first, runs one batched
+session call and resolves each request's future. A full queue refuses new work at once (the route
+answers 503 with Retry-After) instead of letting a backlog pile up."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service import metrics
+
+
+class QueueFull(Exception):
+    pass
+
+
+def choose_providers(preference: str) -> list[str]:
+    """CUDA when asked for (or 'auto') and this onnxruntime build has it; CPU otherwise."""
+    available = ort.get_available_providers()
+    if preference in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, providers: list[str], threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+@dataclass
+class _Job:
+    payload: Any
+    future: Future
+
+
+class MicroBatcher:
+    """Collects single inputs into batches for `run_batch(list) -> list`."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list], list],
+        max_batch: int,
+        max_wait_ms: float,
+        queue_size: int,
+    ) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self.thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, payload: Any) -> Future:
+        future: Future = Future()
+        try:
+            self.queue.put_nowait(_Job(payload, future))
+        except queue.Full:
+            metrics.QUEUE_REJECTIONS.labels(self.name).inc()
+            raise QueueFull(self.name) from None
+        metrics.QUEUE_DEPTH.labels(self.name).set(self.queue.qsize())
+        return future
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(jobs) < self.max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.queue.put(None)
+                    break
+                jobs.append(job)
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            metrics.QUEUE_DEPTH.labels(self.name).set(self.queue.qsize())
+            if not jobs:
+                continue
+            metrics.BATCH_SIZE.labels(self.name).observe(len(jobs))
+            start = time.perf_counter()
+            try:
+                results = self.run_batch([j.payload for j in jobs])
+            except Exception as exc:  # the batch fails, the worker lives on
+                for j in jobs:
+                    j.future.set_exception(exc)
+                continue
+            metrics.STAGE_LATENCY.labels(f"encode_{self.name}").observe(time.perf_counter() - start)
+            for j, r in zip(jobs, results, strict=True):
+                j.future.set_result(r)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5)
+
+
+@dataclass
+class ImageEmbedding:
+    cls: np.ndarray  # [P]
+    patches: np.ndarray  # [N, P]
+
+
+@dataclass
+class TextEmbedding:
+    cls: np.ndarray  # [P]
+    tokens: np.ndarray  # [L, P]
+    mask: np.ndarray  # [L] 1 for words (not CLS, SEP or padding)
+
+
+class Encoders:
+    """The image and text graphs of one exported model, each behind its micro-batcher."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        card: dict,
+        providers: str = "auto",
+        fp16: bool = False,
+        threads: int = 0,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 256,
+    ) -> None:
+        self.card = card
+        self.providers = choose_providers(providers)
+        files = card["files"]
+        image_file, text_file = files["image"], files["text"]
+        if fp16 and "image_fp16" in files and self.providers[0] == "CUDAExecutionProvider":
+            image_file, text_file = files["image_fp16"], files["text_fp16"]
+        self.image_session = open_session(model_dir / image_file, self.providers, threads)
+        self.text_session = open_session(model_dir / text_file, self.providers, threads)
+        self.provider = self.image_session.get_providers()[0]
+        self.image = MicroBatcher("image", self._run_images, max_batch, max_wait_ms, queue_size)
+        self.text = MicroBatcher("text", self._run_texts, max_batch, max_wait_ms, queue_size)
+
+    def embed_images_now(self, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
+        """One batched call, bypassing the queue (bulk indexing and evaluation)."""
+        return self._run_images(pixels)
+
+    def embed_tokens_now(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[TextEmbedding]:
+        return self._run_texts(items)
+
+    def _run_images(self, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
+        cls, patches = self.image_session.run(None, {"pixels": np.stack(pixels).astype(np.float32)})
+        return [ImageEmbedding(cls[i], patches[i]) for i in range(len(pixels))]
+
+    def _run_texts(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[TextEmbedding]:
+        width = max(len(ids) for ids, _ in items)
+        ids = np.zeros((len(items), width), dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for i, (row_ids, row_mask) in enumerate(items):
+            ids[i, : len(row_ids)] = row_ids
+            mask[i, : len(row_mask)] = row_mask
+        cls, tokens, word_mask = self.text_session.run(None, {"ids": ids, "mask": mask})
+        out = []
+        for i, (row_ids, _) in enumerate(items):
+            n = len(row_ids)
+            out.append(TextEmbedding(cls[i], tokens[i, :n], word_mask[i, :n]))
+        return out
+
+    def close(self) -> None:
+        self.image.close()
+        self.text.close()

@@ -1,0 +1,79 @@
+"""Helpers the routes share: reading uploads, embedding a query, validating k and candidates."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from fastapi import UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service import metrics
+from service.deps import AppState, run_encoder
+from service.encoders import ImageEmbedding, TextEmbedding
+from service.errors import ApiError
+from service.images import decode_image, preprocess
+
+
+async def read_upload(state: AppState, upload: UploadFile) -> bytes:
+    limit = state.settings.max_image_bytes
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "image_too_large", f"{upload.filename}: more than {limit} bytes")
+    return data
+
+
+async def decode_upload(state: AppState, upload: UploadFile):
+    """Returns (PIL image, model input) for one uploaded file; 4xx on anything wrong with it."""
+    data = await read_upload(state, upload)
+    s = state.settings
+    start = time.perf_counter()
+    image = await run_in_threadpool(
+        decode_image, data, upload.filename or "upload", s.max_image_bytes, s.max_image_pixels
+    )
+    spec = state.card["image"]
+    pixels = await run_in_threadpool(preprocess, image, spec["size"], spec["mean"], spec["std"])
+    metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
+    return image, pixels
+
+
+async def embed_image(state: AppState, pixels: np.ndarray) -> ImageEmbedding:
+    return await run_encoder(state, "image", pixels)
+
+
+def check_text(state: AppState, text: str, field: str = "query") -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(422, "empty_text", f"{field} is empty")
+    if len(text) > state.settings.max_query_chars:
+        raise ApiError(
+            413,
+            "text_too_long",
+            f"{field} has {len(text)} characters, the limit is {state.settings.max_query_chars}",
+        )
+    return text.strip()
+
+
+async def embed_texts(
+    state: AppState, texts: list[str]
+) -> tuple[list[TextEmbedding], list[bool], list[list[str]]]:
+    start = time.perf_counter()
+    batch = state.tokenizer(texts)
+    metrics.STAGE_LATENCY.labels("tokenize").observe(time.perf_counter() - start)
+    embeddings = []
+    for i in range(len(texts)):
+        n = int(batch.mask[i].sum())
+        embeddings.append(await run_encoder(state, "text", (batch.ids[i, :n], batch.mask[i, :n])))
+    return embeddings, batch.truncated, batch.words
+
+
+def check_k(state: AppState, k: int, candidates: int) -> tuple[int, int]:
+    s = state.settings
+    if not 1 <= k <= s.max_k:
+        raise ApiError(422, "k_out_of_range", f"k must be between 1 and {s.max_k}, got {k}")
+    if not 1 <= candidates <= s.max_candidates:
+        raise ApiError(
+            422,
+            "candidates_out_of_range",
+            f"candidates must be between 1 and {s.max_candidates}, got {candidates}",
+        )
+    return k, max(k, candidates)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+from pydantic import BaseModel, Field
+
+from service.deps import AppState, get_state
+from service.errors import ApiError
+from service.routes.common import check_text, decode_upload, embed_image, embed_texts
+
+router = APIRouter(tags=["embed"])
+
+
+class TextRequest(BaseModel):
+    texts: list[str] = Field(min_length=1)
+    tokens: bool = False
+
+
+@router.post("/embed/image")
+async def embed_images(
+    files: Annotated[list[UploadFile], File(description="one or more images")],
+    patches: Annotated[bool, Query(description="also return the patch vectors")] = False,
+    state: AppState = Depends(get_state),
+) -> dict:
+    """Embed images: the global (CLS) vector and, with `patches=true`, one vector per patch."""
+    if len(files) > state.settings.max_files:
+        raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
+    out = []
+    for upload in files:
+        _, pixels = await decode_upload(state, upload)
+        emb = await embed_image(state, pixels)
+        item = {"cls": emb.cls.tolist()}
+        if patches:
+            item["patches"] = emb.patches.tolist()
+        out.append(item)
+    return {"model": state.card["name"], "dim": state.card["dim"], "embeddings": out}
+
+
+@router.post("/embed/text")
+async def embed_text(body: TextRequest, state: AppState = Depends(get_state)) -> dict:
+    """Embed texts: the global vector and, with `tokens: true`, the word vectors (CLS, SEP excluded)."""
+    if len(body.texts) > state.settings.max_texts:
+        raise ApiError(
+            413, "too_many_texts", f"{len(body.texts)} texts, the limit is {state.settings.max_texts}"
+        )
+    texts = [check_text(state, t, f"texts[{i}]") for i, t in enumerate(body.texts)]
+    embeddings, truncated, words = await embed_texts(state, texts)
+    out = []
+    for emb, cut, toks in zip(embeddings, truncated, words, strict=True):
+        item = {"cls": emb.cls.tolist(), "truncated": cut}
+        if body.tokens:
+            keep = emb.mask.astype(bool)
+            item["tokens"] = emb.tokens[keep].tolist()
+            item["words"] = [w for w, k in zip(toks, keep, strict=False) if k]
+        out.append(item)
+    return {"model": state.card["name"], "dim": state.card["dim"], "embeddings": out}

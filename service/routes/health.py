@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """The model and the index are loaded (503 until then, or with the reason loading failed)."""
+    state = request.app.state.emkum
+    body = {"status": "ready" if state.ready else "not_ready"}
+    if state.ready:
+        body.update(
+            model=state.card["name"],
+            provider=state.encoders.provider,
+            items=len(state.store),
+            index_on_gpu=state.store.gpu,
+            cls_factory=state.settings.cls_factory,
+            patch_codec=state.settings.patch_codec,
+        )
+    elif state.load_error:
+        body["error"] = state.load_error
+    return JSONResponse(body, status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics")
+def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from service import metrics
+from service.deps import AppState, get_state
+from service.routes.common import check_k, check_text, decode_upload, embed_image, embed_texts
+
+router = APIRouter(tags=["search"])
+
+
+class TextSearch(BaseModel):
+    query: str
+    k: int = 10
+    candidates: int = 100
+    rerank: bool = True
+    explain: bool = False
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, explain, timings, words=None):
+    found: dict[str, float] = {}
+    cls_weight = float(state.card.get("rerank", {}).get("cls_weight", 0.5))
+    hits = await run_in_threadpool(
+        state.store.search, q_cls, q_tok, q_mask, k, candidates, rerank, explain, cls_weight, found
+    )
+    for stage, seconds in found.items():
+        metrics.STAGE_LATENCY.labels(stage).observe(seconds)
+        timings[stage] = _ms(seconds)
+    results = []
+    keep = q_mask.astype(bool) if q_mask is not None else None
+    for h in hits:
+        row = {
+            "id": h.id,
+            "score": h.score,
+            "cls_score": h.cls_score,
+            "cmli_score": h.cmli_score,
+            "metadata": h.metadata,
+        }
+        if explain and q_tok is not None:
+            vectors = state.store.vectors(h.id)
+            sims = q_tok[keep] @ vectors.T  # [words, patches]: the heatmap of each word
+            labels = (
+                [w for w, k_ in zip(words, keep, strict=False) if k_] if words else list(range(len(sims)))
+            )
+            row["matches"] = [
+                {
+                    "token": str(label),
+                    "patch": int(s.argmax()),
+                    "score": float(s.max()),
+                    "heatmap": np.round(s, 4).tolist(),
+                }
+                for label, s in zip(labels, sims, strict=True)
+            ]
+            row["grid"] = state.card["image"]["grid"]
+        results.append(row)
+    return results
+
+
+@router.post("/search/text")
+async def search_text(body: TextSearch, state: AppState = Depends(get_state)) -> dict:
+    """Text -> CLS ANN for `candidates` -> CMLI rerank -> top k. `explain` adds, per result, the patch
+    each query word matched and its similarity over all patches."""
+    start = time.perf_counter()
+    query = check_text(state, body.query)
+    k, candidates = check_k(state, body.k, body.candidates)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    (emb,), (truncated,), (words,) = await embed_texts(state, [query])
+    timings["encode"] = _ms(time.perf_counter() - t0)
+    results = await _search(
+        state, emb.cls, emb.tokens, emb.mask, k, candidates, body.rerank, body.explain, timings, words
+    )
+    timings["total"] = _ms(time.perf_counter() - start)
+    return {"results": results, "truncated": truncated, "timings_ms": timings}
+
+
+@router.post("/search/image")
+async def search_image(
+    file: Annotated[UploadFile, File(description="the query image")],
+    k: Annotated[int, Form()] = 10,
+    candidates: Annotated[int, Form()] = 100,
+    rerank: Annotated[bool, Form()] = True,
+    explain: Annotated[bool, Form()] = False,
+    state: AppState = Depends(get_state),
+) -> dict:
+    """Image -> CLS ANN -> patch-to-patch CMLI rerank (the query's patches play the words' part)."""
+    start = time.perf_counter()
+    k, candidates = check_k(state, k, candidates)
+    timings: dict[str, float] = {}
+    _, pixels = await decode_upload(state, file)
+    t0 = time.perf_counter()
+    emb = await embed_image(state, pixels)
+    timings["encode"] = _ms(time.perf_counter() - t0)
+    mask = np.ones(len(emb.patches), dtype=np.float32)
+    results = await _search(state, emb.cls, emb.patches, mask, k, candidates, rerank, explain, timings)
+    timings["total"] = _ms(time.perf_counter() - start)
+    return {"results": results, "timings_ms": timings}

@@ -1,0 +1,64 @@
+"""All service configuration in one typed object: environment variables prefixed `EMKUM_`, or a
+TOML file named by `EMKUM_CONFIG_FILE` (environment wins)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMKUM_", extra="forbid")
+
+    model_dir: Path = Path("artifacts/emkum-flickr8k")
+    data_dir: Path = Path("data/index")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: SecretStr | None = None  # guards the write endpoints when set
+
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    fp16: bool = False  # use image.fp16.onnx / text.fp16.onnx when present (GPU)
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default
+
+    max_batch: int = Field(32, ge=1, le=1024)
+    max_wait_ms: float = Field(5.0, ge=0)
+    queue_size: int = Field(256, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_files: int = 64
+    max_query_chars: int = 1000
+    max_texts: int = 64
+    max_k: int = 1000
+    max_candidates: int = 10000
+
+    cls_factory: str = "Flat"
+    patch_codec: str = "SQfp16"
+    use_gpu_index: bool = True
+    snapshot_every: int = 5000
+    thumbnail_size: int = 256
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        config_file = os.environ.get("EMKUM_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
