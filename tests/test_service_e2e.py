@@ -1,0 +1,304 @@
+"""The real service over HTTP on loopback with a tiny model: every endpoint, good and bad input,
+batching, the queue limit, the API key, and /metrics in Prometheus' exposition format."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.images import bomb_png, encode, jpeg, photo
+from tests.server import running_server
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("svc")
+    with running_server(
+        tiny_model_dir,
+        root / "data",
+        root,
+        max_image_pixels=4_000_000,
+        max_image_bytes=2_000_000,
+        max_k=50,
+        max_candidates=500,
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def files(*blobs, name="img.jpg", ctype="image/jpeg"):
+    return [("files", (f"{i}-{name}", b, ctype)) for i, b in enumerate(blobs)]
+
+
+def error_of(r: httpx.Response) -> str:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    return body["error"]["code"]
+
+
+def metric_samples(client) -> dict:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def test_health_ready_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["provider"] == "CPUExecutionProvider"
+    assert ready["model"] == "emkum-tiny"
+    assert client.get("/docs").status_code == 200
+    assert "/search/text" in client.get("/openapi.json").json()["paths"]
+
+
+def test_embed_image_and_text(client):
+    r = client.post("/embed/image?patches=true", files=files(jpeg(1), encode(photo(2), "PNG")))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dim"] == 16 and len(body["embeddings"]) == 2
+    assert len(body["embeddings"][0]["cls"]) == 16 and len(body["embeddings"][0]["patches"]) == 16
+    r = client.post("/embed/text", json={"texts": ["a red square", "blue"], "tokens": True})
+    emb = r.json()["embeddings"]
+    assert emb[0]["words"] == ["a", "red", "square"] and len(emb[0]["tokens"]) == 3
+    assert "tokens" not in client.post("/embed/text", json={"texts": ["x"]}).json()["embeddings"][0]
+
+
+def test_items_lifecycle_and_search(client):
+    blobs = [jpeg(10 + i) for i in range(5)]
+    meta = [json.dumps({"caption": f"photo {i}"}) for i in range(5)]
+    r = client.post(
+        "/items", files=files(*blobs), data={"ids": [f"p{i}" for i in range(5)], "metadata": meta}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["items"] == [{"id": f"p{i}", "status": "created"} for i in range(5)]
+    assert client.get("/items/p3").json()["metadata"]["caption"] == "photo 3"
+    listed = client.get("/items", params={"limit": 2, "offset": 1}).json()
+    assert [x["id"] for x in listed["items"]] == ["p1", "p2"] and listed["total"] >= 5
+    assert client.get("/thumbnails/p3").headers["content-type"] == "image/jpeg"
+    # upsert
+    r = client.post("/items", files=files(jpeg(99)), data={"ids": ["p4"], "metadata": ['{"caption": "new"}']})
+    assert r.json()["items"] == [{"id": "p4", "status": "updated"}]
+    # image search finds the same picture first, with cls score ~1
+    r = client.post("/search/image", files={"file": ("q.jpg", blobs[2], "image/jpeg")}, data={"k": 3})
+    top = r.json()["results"][0]
+    assert top["id"] == "p2" and top["cls_score"] == pytest.approx(1.0, abs=1e-3)
+    # text search with explain
+    r = client.post("/search/text", json={"query": "a red square", "k": 3, "candidates": 5, "explain": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["results"]) == 3 and {"encode", "ann", "rerank", "total"} <= set(body["timings_ms"])
+    first = body["results"][0]
+    assert {"id", "score", "cls_score", "cmli_score", "metadata"} <= set(first)
+    assert [m["token"] for m in first["matches"]] == ["a", "red", "square"]
+    assert len(first["matches"][0]["heatmap"]) == 16 and first["grid"] == 4
+    scores = [x["score"] for x in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    plain = client.post("/search/text", json={"query": "a red square", "k": 3, "rerank": False}).json()
+    assert all(x["cmli_score"] is None for x in plain["results"])
+    # delete
+    assert client.delete("/items/p0").json() == {"id": "p0", "status": "deleted"}
+    assert error_of(client.get("/items/p0")) == "unknown_id"
+    assert error_of(client.delete("/items/p0")) == "unknown_id"
+
+
+BAD_REQUESTS = [
+    ("post", "/items", {"files": files(b"\xff\xd8\xff\xe0 not really a jpeg")}, 400, "invalid_image"),
+    (
+        "post",
+        "/items",
+        {"files": files(b"hello, I am text", name="a.txt", ctype="text/plain")},
+        400,
+        "invalid_image",
+    ),
+    ("post", "/items", {"files": files(b"")}, 400, "empty_file"),
+    ("post", "/items", {"files": files(bomb_png())}, 413, "too_many_pixels"),
+    ("post", "/items", {"files": files(b"\x00" * 2_000_001)}, 413, "image_too_large"),
+    (
+        "post",
+        "/items",
+        {"files": files(encode(photo(3), "PDF"), ctype="application/pdf")},
+        400,
+        "invalid_image",
+    ),
+    (
+        "post",
+        "/items",
+        {"files": files(jpeg(4)), "data": {"metadata": ["{not json"]}},
+        422,
+        "invalid_metadata",
+    ),
+    ("post", "/items", {"files": files(jpeg(4)), "data": {"metadata": ["[1, 2]"]}}, 422, "invalid_metadata"),
+    ("post", "/items", {"files": files(jpeg(4)), "data": {"ids": ["a", "b"]}}, 422, "ids_mismatch"),
+    ("post", "/items", {"data": {"ids": ["a"]}}, 422, "invalid_request"),
+    ("post", "/search/text", {"json": {"query": ""}}, 422, "empty_text"),
+    ("post", "/search/text", {"json": {"query": "   "}}, 422, "empty_text"),
+    ("post", "/search/text", {"json": {"query": "x" * 1001}}, 413, "text_too_long"),
+    ("post", "/search/text", {"json": {"query": "dog", "k": 0}}, 422, "k_out_of_range"),
+    ("post", "/search/text", {"json": {"query": "dog", "k": 51}}, 422, "k_out_of_range"),
+    ("post", "/search/text", {"json": {"query": "dog", "candidates": 501}}, 422, "candidates_out_of_range"),
+    ("post", "/search/text", {"json": {"query": "dog", "k": "ten"}}, 422, "invalid_request"),
+    (
+        "post",
+        "/search/text",
+        {"content": b"{broken", "headers": {"content-type": "application/json"}},
+        422,
+        "invalid_request",
+    ),
+    ("post", "/search/image", {"files": {"file": ("x.jpg", b"garbage", "image/jpeg")}}, 400, "invalid_image"),
+    ("post", "/embed/text", {"json": {"texts": []}}, 422, "invalid_request"),
+    ("get", "/items/does-not-exist", {}, 404, "unknown_id"),
+    ("get", "/items", {"params": {"limit": 0}}, 422, "invalid_request"),
+    ("get", "/no/such/route", {}, 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "code"), BAD_REQUESTS)
+def test_bad_input_gets_a_named_4xx_and_loses_nothing(client, method, path, kwargs, status, code):
+    before = client.get("/items", params={"limit": 1000}).json()["items"]
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert error_of(r) == code
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/items", params={"limit": 1000}).json()["items"] == before
+
+
+def test_formats_exif_and_modes_are_accepted(client):
+    from PIL import Image
+
+    im = photo(5, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the decoder must apply it
+    cases = [
+        encode(im, "JPEG", exif=exif),
+        encode(im.convert("L"), "PNG"),
+        encode(im.convert("RGBA"), "PNG"),
+        encode(im.convert("CMYK"), "JPEG"),
+        encode(im.convert("P"), "GIF"),
+        encode(im, "WEBP"),
+    ]
+    r = client.post("/embed/image", files=files(*cases))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["embeddings"]) == len(cases)
+
+
+def test_text_over_the_token_limit_is_truncated_and_flagged(client):
+    long = " ".join(["dog"] * 40)  # the tiny model takes 16 tokens
+    r = client.post("/search/text", json={"query": long})
+    assert r.status_code == 200 and r.json()["truncated"] is True
+    assert client.post("/search/text", json={"query": "dog"}).json()["truncated"] is False
+
+
+def test_concurrent_requests_are_batched(server, client):
+    def one(i):
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            return c.post("/embed/text", json={"texts": [f"query number {i}"]}).status_code
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        assert set(pool.map(one, range(96))) == {200}
+    fam = metric_samples(client)["emkum_batch_size"]
+    text_samples = {
+        s.labels.get("le"): s.value
+        for s in fam.samples
+        if s.labels.get("encoder") == "text" and s.name.endswith("_bucket")
+    }
+    assert text_samples["1.0"] < text_samples["+Inf"], "no text batch held more than one query"
+
+
+def test_metrics_are_valid_exposition(client):
+    client.post("/search/text", json={"query": "a dog"})
+    fams = metric_samples(client)
+    for name in (
+        "emkum_requests",
+        "emkum_request_seconds",
+        "emkum_stage_seconds",
+        "emkum_queue_depth",
+        "emkum_index_items",
+        "emkum_errors",
+        "emkum_model_info",
+    ):
+        assert name in fams, name
+    stages = {s.labels["stage"] for s in fams["emkum_stage_seconds"].samples}
+    assert {"tokenize", "encode_text", "ann", "rerank"} <= stages
+    routes = {s.labels["route"] for s in fams["emkum_requests"].samples}
+    assert "/search/text" in routes
+    info = next(s for s in fams["emkum_model_info"].samples)
+    assert info.labels["provider"] == "CPUExecutionProvider"
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_model_dir, tmp_path):
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, queue_size=1, max_batch=1) as srv:
+        big = jpeg(7, size=256)
+
+        def one(_):
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                r = c.post("/embed/image?patches=true", files=files(*[big] * 8))
+                return r.status_code, r.headers.get("retry-after"), r.json()
+
+        with cf.ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(one, range(48)))
+        codes = {c for c, _, _ in results}
+        assert codes <= {200, 503} and 503 in codes and 200 in codes
+        refused = next(r for r in results if r[0] == 503)
+        assert refused[1] == "1" and refused[2]["error"]["code"] == "overloaded"
+        with srv.client() as c:
+            assert c.get("/readyz").status_code == 200
+
+
+def test_api_key_guards_writes(tiny_model_dir, tmp_path):
+    with (
+        running_server(tiny_model_dir, tmp_path / "d", tmp_path, api_key="s3cret-key") as srv,
+        srv.client() as c,
+    ):
+        assert error_of(c.post("/items", files=files(jpeg(1)))) == "unauthorized"
+        r = c.post("/items", files=files(jpeg(1)), headers={"X-API-Key": "s3cret-kez"})
+        assert r.status_code == 401
+        r = c.post("/items", files=files(jpeg(1)), data={"ids": ["k"]}, headers={"X-API-Key": "s3cret-key"})
+        assert r.status_code == 200
+        assert c.delete("/items/k").status_code == 401
+        assert c.post("/search/text", json={"query": "x"}).status_code == 200  # reads stay open
+        assert c.delete("/items/k", headers={"X-API-Key": "s3cret-key"}).status_code == 200
+
+
+def test_kill_9_during_indexing_keeps_every_acknowledged_item(tiny_model_dir, tmp_path):
+    data = tmp_path / "d"
+    acked = []
+    with running_server(tiny_model_dir, data, tmp_path, snapshot_every=10) as srv:
+
+        def add(i):
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                r = c.post(
+                    "/items", files=files(jpeg(1000 + i), jpeg(2000 + i)), data={"ids": [f"a{i}", f"b{i}"]}
+                )
+                return [x["id"] for x in r.json()["items"]] if r.status_code == 200 else []
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(add, i) for i in range(200)]
+            for n, f in enumerate(cf.as_completed(futures)):
+                acked.extend(f.result())
+                if n == 40:
+                    srv.kill()  # SIGKILL mid-stream: some requests are in flight
+                    break
+            for f in futures:
+                try:
+                    acked.extend(f.result())
+                except Exception:
+                    pass
+    assert len(acked) >= 80
+    with running_server(tiny_model_dir, data, tmp_path) as srv, srv.client() as c:
+        present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
+        assert set(acked) <= present
+        ready = c.get("/readyz").json()
+        assert ready["items"] == len(present)
+        r = c.post("/search/image", files={"file": ("q.jpg", jpeg(1000), "image/jpeg")}, data={"k": 1})
+        assert r.json()["results"][0]["id"] == "a0" or "a0" not in acked
