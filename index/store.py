@@ -12,6 +12,7 @@ is refused, naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -183,9 +184,7 @@ class VectorStore:
             rows = self._db.execute("SELECT iid, cls FROM items ORDER BY iid")
             self._index_add(index, [(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
         else:
-            for op, iid in self._db.execute(
-                "SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)
-            ):
+            for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)):
                 if op == "del":
                     self._index_remove(index, iid)
                 else:
@@ -229,9 +228,7 @@ class VectorStore:
             return
         # HNSW graphs cannot remove vectors (FAISS aborts rather than raising): hide the id instead;
         # it disappears for good when the index is next rebuilt from the table.
-        removed = (
-            0 if "HNSW" in self.config.cls_factory else index.remove_ids(np.array([iid], dtype=np.int64))
-        )
+        removed = 0 if "HNSW" in self.config.cls_factory else index.remove_ids(np.array([iid], dtype=np.int64))
         if not removed:
             self._tombstones.add(iid)
 
@@ -259,9 +256,7 @@ class VectorStore:
             raise
         except (ValueError, KeyError, RuntimeError, struct.error) as exc:
             # The snapshot is only a cache of items.sqlite: rebuild rather than refuse to start.
-            self.snapshot_warning = (
-                f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
-            )
+            self.snapshot_warning = f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
             return 0, None
         return int(header["seq"]), index
 
@@ -334,7 +329,7 @@ class VectorStore:
                 raise
             for iid in removed:  # the commit is durable: now mirror it in memory
                 self._forget(iid)
-            for item_id, iid, codes, cls in added:
+            for item_id, iid, codes, _cls in added:
                 self._iid_of[item_id] = iid
                 self._id_of[iid] = item_id
                 self._codes[iid] = codes
@@ -362,10 +357,8 @@ class VectorStore:
             self._after_change(1)
 
     def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.OperationalError):
             self._db.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass
 
     def _forget(self, iid: int) -> None:
         self._codes.pop(iid, None)
@@ -375,10 +368,9 @@ class VectorStore:
     def _after_change(self, n: int) -> None:
         self._changes_since_snapshot += n
         if self._changes_since_snapshot >= self.config.snapshot_every:
-            try:
+            # the change log still holds everything if this fails; try again at the next change
+            with contextlib.suppress(ReadOnlyStore):
                 self.snapshot()
-            except ReadOnlyStore:
-                pass  # the change log still holds everything; try again at the next change
 
     def _validate(self, it: ItemInput) -> None:
         d = self.config.dim
@@ -430,9 +422,7 @@ class VectorStore:
 
     def get(self, item_id: str) -> dict[str, Any]:
         with self._lock:
-            row = self._db.execute(
-                "SELECT metadata, n_vectors FROM items WHERE id = ?", (item_id,)
-            ).fetchone()
+            row = self._db.execute("SELECT metadata, n_vectors FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise UnknownItem(f"no item with id {item_id!r}")
         return {"id": item_id, "metadata": json.loads(row[0]), "n_vectors": row[1]}
@@ -524,15 +514,11 @@ class VectorStore:
             return {}
         marks = ",".join("?" * len(iids))
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT iid, metadata FROM items WHERE iid IN ({marks})", iids
-            ).fetchall()
+            rows = self._db.execute(f"SELECT iid, metadata FROM items WHERE iid IN ({marks})", iids).fetchall()
         return {r[0]: json.loads(r[1]) for r in rows}
 
     def close(self) -> None:
         with self._lock:
-            try:
+            with contextlib.suppress(ReadOnlyStore):
                 self.snapshot()
-            except ReadOnlyStore:
-                pass
             self._db.close()

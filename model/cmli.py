@@ -24,9 +24,7 @@ def cmli_pairs(
     sim = torch.einsum("bmd,bnd->bmn", tokens, patches)  # [B, M, N]
     best, best_patch = sim.max(dim=2)
     t2i = _masked_mean(best, token_mask)
-    i2t = (
-        sim.masked_fill(~token_mask.bool()[:, :, None], torch.finfo(sim.dtype).min).max(dim=1).values.mean(-1)
-    )
+    i2t = sim.masked_fill(~token_mask.bool()[:, :, None], torch.finfo(sim.dtype).min).max(dim=1).values.mean(-1)
     return t2i, i2t, best_patch
 
 

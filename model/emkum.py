@@ -56,12 +56,8 @@ class Emkum(nn.Module):
         self.cfg = cfg
         self.vision = VisionTransformer(cfg.vision)
         self.text = TextTransformer(cfg.text)
-        self.vision_adapter = (
-            nn.Identity() if cfg.vision.width == cfg.width else nn.Linear(cfg.vision.width, cfg.width)
-        )
-        self.text_adapter = (
-            nn.Identity() if cfg.text.width == cfg.width else nn.Linear(cfg.text.width, cfg.width)
-        )
+        self.vision_adapter = nn.Identity() if cfg.vision.width == cfg.width else nn.Linear(cfg.vision.width, cfg.width)
+        self.text_adapter = nn.Identity() if cfg.text.width == cfg.width else nn.Linear(cfg.text.width, cfg.width)
         if cfg.tte == "before" and not (cfg.vision.width == cfg.text.width == cfg.width):
             raise ValueError("tte='before' adds the type embedding at the tower inputs: widths must match")
         self.type_embed = nn.Embedding(2, cfg.width) if cfg.tte != "none" else None

@@ -20,8 +20,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.width))  # patches only
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_scale_init, eps=cfg.norm_eps)
-            for _ in range(cfg.depth)
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_scale_init, eps=cfg.norm_eps) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -57,9 +56,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed.weight, std=0.02)
 
-    def forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, input_offset: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, input_offset: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
         pos = self.pos_embed(positions)[None]
         if self.cfg.cls_zero_position:

@@ -65,9 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         try:
             load_state(state)
-            log.info(
-                "ready: %s on %s, %d items", state.card["name"], state.encoders.provider, len(state.store)
-            )
+            log.info("ready: %s on %s, %d items", state.card["name"], state.encoders.provider, len(state.store))
         except Exception as exc:  # keep serving /healthz and a /readyz that says why
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.error("not ready: %s", state.load_error)
@@ -95,9 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def observe(request: Request, call_next):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > body_limit:
-            return error_response(
-                413, "request_too_large", f"request body of {length} bytes, limit {body_limit}"
-            )
+            return error_response(413, "request_too_large", f"request body of {length} bytes, limit {body_limit}")
         start = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

@@ -59,17 +59,13 @@ def train(
     typer.echo(json.dumps({"best": summary["best"], "seconds": summary["seconds"]}, indent=2))
 
 
-DEFAULT_WEIGHTS = (
-    Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
-)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
 
 
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint written by `emkum train`")],
-    out_dir: Annotated[
-        Path, typer.Argument(help="where to write image.onnx, text.onnx, tokenizer.json, model.json")
-    ],
+    out_dir: Annotated[Path, typer.Argument(help="where to write image.onnx, text.onnx, tokenizer.json, model.json")],
     name: Annotated[str | None, typer.Option(help="model name recorded in model.json")] = None,
     tolerance: Annotated[float, typer.Option(help="max relative error of ONNX Runtime vs torch")] = 1e-4,
 ) -> None:
@@ -77,9 +73,7 @@ def export(
     from training.export import export as run
 
     card = run(checkpoint, out_dir, name=name, tolerance=tolerance)
-    typer.echo(
-        json.dumps({"out_dir": str(out_dir), "parity": card["export"]["parity_relative_error"]}, indent=2)
-    )
+    typer.echo(json.dumps({"out_dir": str(out_dir), "parity": card["export"]["parity_relative_error"]}, indent=2))
 
 
 @app.command("build-default")
@@ -177,9 +171,7 @@ def index_folder(
             ok = []
             for path in todo[s : s + batch]:
                 try:
-                    im = decode_image(
-                        path.read_bytes(), path.name, settings.max_image_bytes, settings.max_image_pixels
-                    )
+                    im = decode_image(path.read_bytes(), path.name, settings.max_image_bytes, settings.max_image_pixels)
                 except (ApiError, OSError) as exc:
                     bad.append(f"{path}: {getattr(exc, 'message', exc)}")
                     continue
@@ -195,18 +187,13 @@ def index_folder(
                 for (item_id, im, _), _e in zip(ok, embs, strict=True):
                     thumb_path(state, item_id).write_bytes(thumbnail_jpeg(im, settings.thumbnail_size))
                 state.store.add(
-                    [
-                        ItemInput(i, e.cls, e.patches, {"filename": i})
-                        for (i, _, _), e in zip(ok, embs, strict=True)
-                    ]
+                    [ItemInput(i, e.cls, e.patches, {"filename": i}) for (i, _, _), e in zip(ok, embs, strict=True)]
                 )
                 added += len(ok)
             bar.update(len(todo[s : s + batch]))
     state.encoders.close()
     state.store.close()
-    typer.echo(
-        json.dumps({"indexed": added, "skipped_existing": len(files) - len(todo), "bad_files": bad}, indent=2)
-    )
+    typer.echo(json.dumps({"indexed": added, "skipped_existing": len(files) - len(todo), "bad_files": bad}, indent=2))
 
 
 @app.command()
@@ -243,9 +230,7 @@ def demo_images() -> Path:
 
 @app.command()
 def demo(
-    folder: Annotated[
-        Path | None, typer.Option(help="images to index (default: scikit-image's sample photos)")
-    ] = None,
+    folder: Annotated[Path | None, typer.Option(help="images to index (default: scikit-image's sample photos)")] = None,
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
     """The one-command demo: build the default model, index a collection, serve on localhost."""

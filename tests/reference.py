@@ -19,6 +19,4 @@ def cmli_t2i_loop(tokens: np.ndarray, mask: np.ndarray, patches: np.ndarray) -> 
 def cmli_i2t_loop(tokens: np.ndarray, mask: np.ndarray, patches: np.ndarray) -> float:
     """Mean over the image's patches of the max cosine over the text's words (eq. 3)."""
     words = [j for j in range(len(tokens)) if mask[j]]
-    return float(
-        np.mean([max(float(np.dot(patches[k], tokens[j])) for j in words) for k in range(len(patches))])
-    )
+    return float(np.mean([max(float(np.dot(patches[k], tokens[j])) for j in words) for k in range(len(patches))]))

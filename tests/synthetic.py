@@ -38,9 +38,7 @@ def make_karpathy(root: Path, n_train: int = 48, n_val: int = 16, size: int = 32
             {"raw": f"a {colour} {shape} on a dark background"},
             {"raw": f"the {shape} is {colour}"},
         ]
-        items.append(
-            {"filename": name, "imgid": i, "split": "train" if i < n_train else "val", "sentences": sentences}
-        )
+        items.append({"filename": name, "imgid": i, "split": "train" if i < n_train else "val", "sentences": sentences})
     path = root / "dataset.json"
     path.write_text(json.dumps({"images": items, "dataset": "synthetic"}))
     return path

@@ -51,7 +51,5 @@ def test_partial_checkpoint_replays_init(tmp_path):
     save_checkpoint(tmp_path / "p.safetensors", model, InitRecipe(), seed=3, only=only, dtype=torch.float16)
     loaded, header = load_checkpoint(tmp_path / "p.safetensors")
     assert header["partial"]
-    torch.testing.assert_close(
-        loaded.shared[0].attn.qkv.weight, model.shared[0].attn.qkv.weight, atol=1e-2, rtol=1e-3
-    )
+    torch.testing.assert_close(loaded.shared[0].attn.qkv.weight, model.shared[0].attn.qkv.weight, atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(loaded.vision.pos_embed, model.vision.pos_embed)  # rebuilt from the seed

@@ -122,9 +122,7 @@ def test_rerank_numpy_handles_padding(rng):
     assert scores[1] == pytest.approx(cmli_t2i_loop(tok, mask, b), abs=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("codec", "max_bytes", "min_overlap"), [("SQfp16", 2 * D * 12, 1.0), ("SQ8", D * 12, 0.9)]
-)
+@pytest.mark.parametrize(("codec", "max_bytes", "min_overlap"), [("SQfp16", 2 * D * 12, 1.0), ("SQ8", D * 12, 0.9)])
 def test_codecs_size_and_rerank_quality(tmp_path, rng, codec, max_bytes, min_overlap):
     exact = VectorStore(tmp_path / "exact", cfg(patch_codec="SQfp16"))
     coded = VectorStore(tmp_path / codec, cfg(patch_codec=codec))
@@ -152,7 +150,7 @@ def test_pq_codec_needs_training_data(tmp_path, rng):
 
 def test_mismatched_model_or_dim_is_refused(tmp_path, rng):
     VectorStore(tmp_path, cfg()).add([item(rng, "a")])
-    with pytest.raises(StoreMismatch, match="items.sqlite.*model"):
+    with pytest.raises(StoreMismatch, match=r"items\.sqlite.*model"):
         VectorStore(tmp_path, StoreConfig(dim=D, model="other"))
     with pytest.raises(StoreMismatch, match="dim"):
         VectorStore(tmp_path, StoreConfig(dim=D * 2, model="test-model"))
@@ -160,7 +158,7 @@ def test_mismatched_model_or_dim_is_refused(tmp_path, rng):
 
 def test_corrupt_database_is_refused_with_its_name(tmp_path):
     (tmp_path / "items.sqlite").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(CorruptStoreFile, match="items.sqlite"):
+    with pytest.raises(CorruptStoreFile, match=r"items\.sqlite"):
         VectorStore(tmp_path, cfg())
 
 
@@ -203,9 +201,7 @@ CHILD = textwrap.dedent(
 
 def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
     acked, deleted = set(), set()
     for line in proc.stdout:
         kind, *names = line.split()

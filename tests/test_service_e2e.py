@@ -4,6 +4,7 @@ batching, the queue limit, the API key, and /metrics in Prometheus' exposition f
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import json
 
 import httpx
@@ -77,9 +78,7 @@ def test_embed_image_and_text(client):
 def test_items_lifecycle_and_search(client):
     blobs = [jpeg(10 + i) for i in range(5)]
     meta = [json.dumps({"caption": f"photo {i}"}) for i in range(5)]
-    r = client.post(
-        "/items", files=files(*blobs), data={"ids": [f"p{i}" for i in range(5)], "metadata": meta}
-    )
+    r = client.post("/items", files=files(*blobs), data={"ids": [f"p{i}" for i in range(5)], "metadata": meta})
     assert r.status_code == 200, r.text
     assert r.json()["items"] == [{"id": f"p{i}", "status": "created"} for i in range(5)]
     assert client.get("/items/p3").json()["metadata"]["caption"] == "photo 3"
@@ -277,9 +276,7 @@ def test_kill_9_during_indexing_keeps_every_acknowledged_item(tiny_model_dir, tm
 
         def add(i):
             with httpx.Client(base_url=srv.url, timeout=30) as c:
-                r = c.post(
-                    "/items", files=files(jpeg(1000 + i), jpeg(2000 + i)), data={"ids": [f"a{i}", f"b{i}"]}
-                )
+                r = c.post("/items", files=files(jpeg(1000 + i), jpeg(2000 + i)), data={"ids": [f"a{i}", f"b{i}"]})
                 return [x["id"] for x in r.json()["items"]] if r.status_code == 200 else []
 
         with cf.ThreadPoolExecutor(4) as pool:
@@ -290,10 +287,8 @@ def test_kill_9_during_indexing_keeps_every_acknowledged_item(tiny_model_dir, tm
                     srv.kill()  # SIGKILL mid-stream: some requests are in flight
                     break
             for f in futures:
-                try:
+                with contextlib.suppress(Exception):
                     acked.extend(f.result())
-                except Exception:
-                    pass
     assert len(acked) >= 80
     with running_server(tiny_model_dir, data, tmp_path) as srv, srv.client() as c:
         present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}

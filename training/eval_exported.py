@@ -43,8 +43,7 @@ def evaluate_exported(
     for s in tqdm(range(0, len(texts), 256), desc="embed captions", unit="batch"):
         tok = tokenizer(texts[s : s + 256])
         rows = [
-            (tok.ids[i, : int(tok.mask[i].sum())], tok.mask[i, : int(tok.mask[i].sum())])
-            for i in range(len(tok.ids))
+            (tok.ids[i, : int(tok.mask[i].sum())], tok.mask[i, : int(tok.mask[i].sum())]) for i in range(len(tok.ids))
         ]
         embedded.extend(encoders.embed_tokens_now(rows))
     encoders.close()
@@ -53,18 +52,14 @@ def evaluate_exported(
         image_store = VectorStore(Path(tmp) / "images", StoreConfig(card["dim"], card["name"], use_gpu=False))
         image_store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])
         text_store = VectorStore(Path(tmp) / "texts", StoreConfig(card["dim"], card["name"], use_gpu=False))
-        text_store.add(
-            [ItemInput(str(i), e.cls, e.tokens[e.mask.astype(bool)]) for i, e in enumerate(embedded)]
-        )
+        text_store.add([ItemInput(str(i), e.cls, e.tokens[e.mask.astype(bool)]) for i, e in enumerate(embedded)])
         out = {}
         for mode, rerank in (("cls", False), ("rerank", True)):
             t2i = np.array(
                 [
                     [
                         int(h.id)
-                        for h in image_store.search(
-                            e.cls, e.tokens, e.mask, 10, candidates, rerank, cls_weight=weight
-                        )
+                        for h in image_store.search(e.cls, e.tokens, e.mask, 10, candidates, rerank, cls_weight=weight)
                     ]
                     for e in tqdm(embedded, desc=f"t2i {mode}", unit="q")
                 ]

@@ -44,9 +44,7 @@ def embed_split(
 
 
 @torch.no_grad()
-def evaluate_embeddings(
-    emb: dict[str, torch.Tensor], caption_image: np.ndarray, candidates: int = 20
-) -> dict:
+def evaluate_embeddings(emb: dict[str, torch.Tensor], caption_image: np.ndarray, candidates: int = 20) -> dict:
     """Returns {"cls": ..., "rerank": ..., "cls_weight": w} with the fusion weight tuned here."""
     sim = emb["txt_cls"] @ emb["img_cls"].T  # [T, I]
     k = min(candidates, sim.shape[1], sim.shape[0])

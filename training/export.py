@@ -80,9 +80,7 @@ def check_parity(model: Emkum, image_path: Path, text_path: Path, tolerance: flo
         ref_txt = [x.float().numpy() for x in TextGraph(model)(ids, mask)]
     cpu = ["CPUExecutionProvider"]
     img = ort.InferenceSession(str(image_path), providers=cpu).run(None, {"pixels": pixels.numpy()})
-    txt = ort.InferenceSession(str(text_path), providers=cpu).run(
-        None, {"ids": ids.numpy(), "mask": mask.numpy()}
-    )
+    txt = ort.InferenceSession(str(text_path), providers=cpu).run(None, {"ids": ids.numpy(), "mask": mask.numpy()})
     errors = {}
     for name, got, ref in zip(("cls", "patches"), img, ref_img, strict=True):
         errors[f"image.{name}"] = relative_error(got, ref)

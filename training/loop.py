@@ -121,7 +121,7 @@ def teacher_targets(teacher: Teacher, images: np.ndarray, device: str, batch: in
 
 def pooled_patches(hidden_patches: torch.Tensor, grid: int, target_n: int) -> torch.Tensor:
     """Average-pool the student's patch grid down to the teacher's grid (16x16 -> 7x7)."""
-    b, n, d = hidden_patches.shape
+    b, _n, d = hidden_patches.shape
     side = round(target_n**0.5)
     x = hidden_patches.transpose(1, 2).reshape(b, d, grid, grid)
     return F.adaptive_avg_pool2d(x, side).flatten(2).transpose(1, 2)
@@ -153,9 +153,7 @@ def train(cfg: TrainConfig) -> dict:
     apply_freeze(model, cfg)
     tokenizer = TextTokenizer(Path(cfg.tokenizer or minilm_dir() / "tokenizer.json"), mcfg.text.max_length)
     size = mcfg.vision.image_size
-    train_split = prepare_split(
-        cfg.train_data, tokenizer, size, cfg.max_train_items, "decode train", cfg.cache_dir
-    )
+    train_split = prepare_split(cfg.train_data, tokenizer, size, cfg.max_train_items, "decode train", cfg.cache_dir)
     val_split = (
         prepare_split(cfg.val_data, tokenizer, size, cfg.max_val_items, "decode val", cfg.cache_dir)
         if cfg.val_data
@@ -205,9 +203,7 @@ def train(cfg: TrainConfig) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main)
         for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][
-                rank * per_rank : (rank + 1) * per_rank
-            ]
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank * per_rank : (rank + 1) * per_rank]
             caps = np.array([rng.choice(train_split.image_captions[i]) for i in idx])
             px = torch.from_numpy(train_split.images[idx]).to(device).permute(0, 3, 1, 2).float() / 255
             px = normalize(random_resized_crop_flip(px, generator=gen), mean, std)
@@ -252,11 +248,7 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             log.flush()
         result = None
-        if (
-            is_main
-            and val_split is not None
-            and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
-        ):
+        if is_main and val_split is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             emb = embed_split(raw_model, val_split.images, val_split.ids, val_split.mask, device)
             result = evaluate_embeddings(emb, val_split.caption_image, cfg.eval_candidates)
             result["epoch"] = epoch + 1
@@ -305,9 +297,7 @@ def train(cfg: TrainConfig) -> dict:
     }
     if is_main:
         if val_split is None:  # no validation split: the last epoch is the model
-            save_checkpoint(
-                out_dir / "best.safetensors", raw_model, init, cfg.seed, {"train_config": cfg.model_dump()}
-            )
+            save_checkpoint(out_dir / "best.safetensors", raw_model, init, cfg.seed, {"train_config": cfg.model_dump()})
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if distributed:
         torch.distributed.destroy_process_group()

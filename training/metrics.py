@@ -25,9 +25,7 @@ def summarise(i2t: dict[str, float], t2i: dict[str, float]) -> dict:
     return {"i2t": i2t, "t2i": t2i, "mean6": round(mean6, 2)}
 
 
-def rerank(
-    candidates: np.ndarray, cls_scores: np.ndarray, cmli_scores: np.ndarray, cls_weight: float
-) -> np.ndarray:
+def rerank(candidates: np.ndarray, cls_scores: np.ndarray, cmli_scores: np.ndarray, cls_weight: float) -> np.ndarray:
     """Reorder each row's candidates by cls_weight * cls + (1 - cls_weight) * cmli."""
     fused = cls_weight * cls_scores + (1 - cls_weight) * cmli_scores
     order = np.argsort(-fused, axis=1, kind="stable")

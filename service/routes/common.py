@@ -53,9 +53,7 @@ def check_text(state: AppState, text: str, field: str = "query") -> str:
     return text.strip()
 
 
-async def embed_texts(
-    state: AppState, texts: list[str]
-) -> tuple[list[TextEmbedding], list[bool], list[list[str]]]:
+async def embed_texts(state: AppState, texts: list[str]) -> tuple[list[TextEmbedding], list[bool], list[list[str]]]:
     start = time.perf_counter()
     batch = state.tokenizer(texts)
     metrics.STAGE_LATENCY.labels("tokenize").observe(time.perf_counter() - start)

@@ -41,9 +41,7 @@ async def embed_images(
 async def embed_text(body: TextRequest, state: AppState = Depends(get_state)) -> dict:
     """Embed texts: the global vector and, with `tokens: true`, the word vectors (CLS, SEP excluded)."""
     if len(body.texts) > state.settings.max_texts:
-        raise ApiError(
-            413, "too_many_texts", f"{len(body.texts)} texts, the limit is {state.settings.max_texts}"
-        )
+        raise ApiError(413, "too_many_texts", f"{len(body.texts)} texts, the limit is {state.settings.max_texts}")
     texts = [check_text(state, t, f"texts[{i}]") for i, t in enumerate(body.texts)]
     embeddings, truncated, words = await embed_texts(state, texts)
     out = []

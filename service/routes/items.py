@@ -37,9 +37,7 @@ def parse_metadata(raw: str | None, filename: str) -> dict:
 @router.post("/items", dependencies=[Depends(require_api_key)])
 async def add_items(
     files: Annotated[list[UploadFile], File(description="images to index")],
-    ids: Annotated[
-        list[str] | None, Form(description="one id per file (default: SHA-1 of the bytes)")
-    ] = None,
+    ids: Annotated[list[str] | None, Form(description="one id per file (default: SHA-1 of the bytes)")] = None,
     metadata: Annotated[list[str] | None, Form(description="one JSON object per file")] = None,
     state: AppState = Depends(get_state),
 ) -> dict:
