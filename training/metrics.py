@@ -10,14 +10,14 @@ KS = (1, 5, 10)
 def t2i_recall(ranked_images: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
     """ranked_images [T, >=10]: image indices best first; a caption's hit is its own image."""
     hits = ranked_images == caption_image[:, None]
-    return {f"r{k}": float(100 * hits[:, :k].any(1).mean()) for k in KS}
+    return {f"r{k}": round(float(100 * hits[:, :k].any(1).mean()), 2) for k in KS}
 
 
 def i2t_recall(ranked_captions: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
     """ranked_captions [I, >=10]: caption indices best first; an image's hit is any of its captions."""
     owners = caption_image[ranked_captions]
     hits = owners == np.arange(len(ranked_captions))[:, None]
-    return {f"r{k}": float(100 * hits[:, :k].any(1).mean()) for k in KS}
+    return {f"r{k}": round(float(100 * hits[:, :k].any(1).mean()), 2) for k in KS}
 
 
 def summarise(i2t: dict[str, float], t2i: dict[str, float]) -> dict:
