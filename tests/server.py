@@ -37,7 +37,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, data_dir: Path, log_dir: Path, **settings: str) -> Iterator[Server]:
+def running_server(
+    model_dir: Path, data_dir: Path, log_dir: Path, preexec=None, quiet: bool = False, **settings: str
+) -> Iterator[Server]:
     port = free_port()
     env = {
         **os.environ,
@@ -49,8 +51,13 @@ def running_server(model_dir: Path, data_dir: Path, log_dir: Path, **settings: s
     env.update({f"EMKUM_{k.upper()}": str(v) for k, v in settings.items()})
     log = log_dir / f"server-{port}.log"
     with open(log, "w") as out:
+        sink = subprocess.DEVNULL if quiet else out
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "service.cli", "serve"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
         )
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     deadline = time.monotonic() + 60

@@ -84,7 +84,7 @@ def _write_thumb(path, data: bytes) -> None:
 @router.get("/items")
 def list_items(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**53)] = 0,  # SQLite integers are 64-bit
     state: AppState = Depends(get_state),
 ) -> dict:
     return {

@@ -1,0 +1,154 @@
+"""Faults: a full disk refuses writes with a clear error and keeps search serving; a bounded soak of
+mixed indexing and search stays clean; the API key comparison is constant-time."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import resource
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.images import jpeg
+from tests.server import running_server
+
+pytestmark = pytest.mark.e2e
+
+
+def limit_file_size(max_bytes: int):
+    def apply() -> None:  # in the server process, before exec: writes past max_bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return apply
+
+
+def test_full_disk_refuses_writes_and_keeps_serving(tiny_model_dir, tmp_path):
+    data = tmp_path / "d"
+    acked = []
+    with (
+        running_server(
+            tiny_model_dir, data, tmp_path, preexec=limit_file_size(300_000), quiet=True, snapshot_every=1_000_000
+        ) as srv,
+        srv.client() as c,
+    ):
+        refusal = None
+        for i in range(2000):
+            r = c.post("/items", files=[("files", (f"{i}.jpg", jpeg(i, 64), "image/jpeg"))], data={"ids": [f"i{i}"]})
+            if r.status_code == 200:
+                acked.append(f"i{i}")
+                continue
+            refusal = r
+            break
+        assert refusal is not None, "the file-size limit was never reached"
+        assert refusal.status_code == 507
+        assert refusal.json()["error"]["code"] == "storage_unavailable"
+        assert "search still works" in refusal.json()["error"]["message"]
+        # reads keep working while writes fail
+        assert c.post("/search/text", json={"query": "a photo", "k": 3}).status_code == 200
+        assert c.get(f"/items/{acked[0]}").status_code == 200
+        assert c.get("/healthz").status_code == 200
+        again = c.post("/items", files=[("files", ("x.jpg", jpeg(9999, 64), "image/jpeg"))])
+        assert again.status_code == 507
+    assert len(acked) > 5
+    with running_server(tiny_model_dir, data, tmp_path) as srv, srv.client() as c:  # disk space is back
+        present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
+        assert set(acked) <= present
+        assert c.post("/items", files=[("files", ("y.jpg", jpeg(12345, 64), "image/jpeg"))]).status_code == 200
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def test_soak_mixed_indexing_and_search(tiny_model_dir, tmp_path):
+    """60 s of 6 concurrent clients (2 indexing, 4 searching): only 200s (or configured 503s),
+    resident memory levels off, and every acknowledged item is there and findable afterwards."""
+    duration = 60.0
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, queue_size=64) as srv:
+        stop = time.monotonic() + duration
+        acked: list[str] = []
+        codes: dict[int, int] = {}
+        rss: list[int] = []
+
+        def indexer(worker: int) -> None:
+            n = 0
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                while time.monotonic() < stop:
+                    item_id = f"w{worker}-{n}"
+                    r = c.post(
+                        "/items",
+                        files=[("files", ("a.jpg", jpeg(worker * 100000 + n, 64), "image/jpeg"))],
+                        data={"ids": [item_id]},
+                    )
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                    if r.status_code == 200:
+                        acked.append(item_id)
+                    n += 1
+
+        def searcher(worker: int) -> None:
+            rng = random.Random(worker)
+            words = ["red", "dog", "street", "beach", "snow", "two people", "a child", "grass"]
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                while time.monotonic() < stop:
+                    q = " ".join(rng.sample(words, 2))
+                    r = c.post("/search/text", json={"query": q, "k": 5, "explain": rng.random() < 0.2})
+                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
+
+        def sampler() -> None:
+            while time.monotonic() < stop:
+                rss.append(rss_kib(srv.proc.pid))
+                time.sleep(2)
+
+        with cf.ThreadPoolExecutor(7) as pool:
+            futures = [pool.submit(indexer, i) for i in range(2)] + [pool.submit(searcher, i) for i in range(4)]
+            futures.append(pool.submit(sampler))
+            for f in futures:
+                f.result()
+        assert set(codes) <= {200, 503}, codes
+        assert codes.get(200, 0) > 100
+        third = len(rss) // 3
+        growth_mib = (max(rss[-third:]) - max(rss[third : 2 * third])) / 1024
+        assert growth_mib < 40, f"RSS kept growing: {rss}"
+        with srv.client() as c:
+            present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
+            total = c.get("/items").json()["total"]
+            while len(present) < total:
+                page = c.get("/items", params={"limit": 1000, "offset": len(present)}).json()["items"]
+                present |= {x["id"] for x in page}
+            assert set(acked) <= present
+            probe = acked[len(acked) // 2]
+            worker, n = probe[1:].split("-")
+            r = c.post(
+                "/search/image",
+                files={"file": ("q.jpg", jpeg(int(worker) * 100000 + int(n), 64), "image/jpeg")},
+                data={"k": 1, "candidates": 1000},
+            )
+            assert r.json()["results"][0]["id"] == probe
+
+
+def test_api_key_uses_a_constant_time_comparison(monkeypatch):
+    """A wrong key's rejection time must not depend on how much of it was right: the check goes
+    through hmac.compare_digest (the measured timings are in benchmarks/auth_timing.py)."""
+    from types import SimpleNamespace
+
+    from pydantic import SecretStr
+
+    import service.deps as deps
+
+    calls = []
+    real = deps.hmac.compare_digest
+    monkeypatch.setattr(deps.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    request = SimpleNamespace(
+        app=SimpleNamespace(
+            state=SimpleNamespace(emkum=SimpleNamespace(settings=SimpleNamespace(api_key=SecretStr("k" * 32))))
+        )
+    )
+    with pytest.raises(deps.ApiError):
+        deps.require_api_key(request, "k" * 31 + "x")
+    deps.require_api_key(request, "k" * 32)
+    assert calls == [(b"k" * 31 + b"x", b"k" * 32), (b"k" * 32, b"k" * 32)]
