@@ -75,6 +75,8 @@ def main() -> None:
     report["image_gflops_per_image"] = round(flops / 1e9, 2)
     rng = np.random.default_rng(0)
     graph = ImageGraph(model).eval()
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, when present
+        ort.preload_dlls()
     sessions = {"onnxruntime-cpu": ["CPUExecutionProvider"]}
     if "CUDAExecutionProvider" in ort.get_available_providers():
         sessions["onnxruntime-cuda"] = ["CUDAExecutionProvider"]
