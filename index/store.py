@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,13 +299,11 @@ class VectorStore:
                 self._train_codec(np.concatenate([it.vectors for it in items]))
             encoded = [self.codec.encode(it.vectors) for it in items]
             statuses, added, removed = [], [], []
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
+            with self._transaction():
                 for it, codes in zip(items, encoded, strict=True):
                     old = self._iid_of.get(it.id)
                     if old is not None:
-                        self._db.execute("DELETE FROM items WHERE iid = ?", (old,))
-                        self._db.execute("INSERT INTO changes (op, iid) VALUES ('del', ?)", (old,))
+                        self._delete_row(old)
                         removed.append(old)
                     cur = self._db.execute(
                         "INSERT INTO items (id, metadata, cls, codes, n_vectors) VALUES (?, ?, ?, ?, ?)",
@@ -321,12 +319,6 @@ class VectorStore:
                     self._db.execute("INSERT INTO changes (op, iid) VALUES ('add', ?)", (iid,))
                     added.append((it.id, iid, codes, it.cls.astype(np.float32)))
                     statuses.append("updated" if old is not None else "created")
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                if _is_write_refusal(exc):
-                    raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
-                raise
             for iid in removed:  # the commit is durable: now mirror it in memory
                 self._forget(iid)
             for item_id, iid, codes, _cls in added:
@@ -342,23 +334,29 @@ class VectorStore:
             iid = self._iid_of.get(item_id)
             if iid is None:
                 raise UnknownItem(f"no item with id {item_id!r}")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("DELETE FROM items WHERE iid = ?", (iid,))
-                self._db.execute("INSERT INTO changes (op, iid) VALUES ('del', ?)", (iid,))
-                self._db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                if _is_write_refusal(exc):
-                    raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
-                raise
+            with self._transaction():
+                self._delete_row(iid)
             self._forget(iid)
             del self._iid_of[item_id]
             self._after_change(1)
 
-    def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.OperationalError):
-            self._db.execute("ROLLBACK")
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One durable SQLite transaction; a full or read-only disk becomes ReadOnlyStore."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._db.execute("ROLLBACK")
+            if _is_write_refusal(exc):
+                raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
+            raise
+
+    def _delete_row(self, iid: int) -> None:
+        self._db.execute("DELETE FROM items WHERE iid = ?", (iid,))
+        self._db.execute("INSERT INTO changes (op, iid) VALUES ('del', ?)", (iid,))
 
     def _forget(self, iid: int) -> None:
         self._codes.pop(iid, None)
@@ -396,10 +394,8 @@ class VectorStore:
             if self._codes:
                 raise ValueError("the codec can only be trained on an empty store")
             self.codec.train(sample)
-            try:
+            with self._transaction():
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('codec', ?)", (self.codec.to_bytes(),))
-            except sqlite3.OperationalError as exc:
-                raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
 
     # -- reads ----------------------------------------------------------------------------------
     def __len__(self) -> int:
