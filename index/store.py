@@ -470,7 +470,7 @@ class VectorStore:
         cmli = matches = None
         final = cls_scores.copy()
         if rerank and query_tokens is not None and query_mask is not None:
-            decoded, valid = pad_candidates([self.codec.decode(c) for c in codes])
+            decoded, valid = self._decode_candidates(codes)
             cmli, matches = rerank_cmli(query_tokens, query_mask, decoded, valid)
             final = cls_weight * cls_scores + (1 - cls_weight) * cmli
         order = np.argsort(-final, kind="stable")[:k]
@@ -488,6 +488,14 @@ class VectorStore:
             )
             for i in order
         ]
+
+    def _decode_candidates(self, codes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """One codec call for all candidates; padding only when their vector counts differ."""
+        flat = self.codec.decode(np.concatenate(codes))
+        counts = {len(c) for c in codes}
+        if len(counts) == 1:
+            return flat.reshape(len(codes), counts.pop(), -1), None
+        return pad_candidates(np.split(flat, np.cumsum([len(c) for c in codes])[:-1]))
 
     def _cls_search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
