@@ -105,6 +105,13 @@ class Emkum(nn.Module):
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
         return TextOutput(cls=emb[:, 0], tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd)
 
+    def forward(
+        self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[ImageOutput, TextOutput, torch.Tensor]:
+        """Both towers and the temperature in one call: DDP synchronises gradients only for
+        parameters reached through `forward`, the loss's `logit_scale` included."""
+        return self.encode_image(pixels), self.encode_text(ids, mask), self.logit_scale * 1.0
+
 
 def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

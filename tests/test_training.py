@@ -154,3 +154,48 @@ def test_eval_exported_reports_the_contract(tiny_model_dir, synthetic_data):
         assert set(out[mode]["t2i"]) == {"r1", "r5", "r10"}
         assert 0 <= out[mode]["mean6"] <= 100
     assert out["images"] == 16 and out["captions"] == 32
+
+
+def test_ddp_training_under_torchrun_keeps_replicas_in_sync(synthetic_data, tmp_path):
+    """Two CPU processes (gloo) through `torchrun`: negatives gathered across ranks, gradients
+    synchronised by DDP (the loop checks that both replicas end with the same weights)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.server import free_port
+
+    config = tmp_path / "ddp.toml"
+    images = synthetic_data.parent / "images"
+    config.write_text(
+        f'model = "emkum-tiny"\ninit_vision = "random"\ninit_text = "random"\nteacher = "random:24"\n'
+        f'train_data = "karpathy:{synthetic_data}:{images}:train"\n'
+        f'val_data = "karpathy:{synthetic_data}:{images}:val"\n'
+        f'out_dir = "{tmp_path / "run"}"\nepochs = 2\nbatch_size = 16\nlr = 0.002\neval_candidates = 8\n'
+        "[loss]\nkd = 1.0\ncmli_contrastive = 0.5\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "service.cli",
+            "train",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["replicas_in_sync"] == 2
+    assert len(summary["history"]) == 2

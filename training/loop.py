@@ -130,12 +130,13 @@ def pooled_patches(hidden_patches: torch.Tensor, grid: int, target_n: int) -> to
 def train(cfg: TrainConfig) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        torch.distributed.init_process_group("nccl")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         rank, world = 0, 1
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     is_main = rank == 0
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def train(cfg: TrainConfig) -> dict:
         sched.load_state_dict(state["sched"])
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
         torch.set_rng_state(state["rng"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
     log = (out_dir / "metrics.jsonl").open("a") if is_main else None
     mean, std = mcfg.vision.mean, mcfg.vision.std
     trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
@@ -211,9 +212,8 @@ def train(cfg: TrainConfig) -> dict:
             ids = torch.from_numpy(train_split.ids[caps, :width]).to(device)
             msk = torch.from_numpy(train_split.mask[caps, :width]).to(device)
             with autocast:
-                img = raw_model.encode_image(px) if not distributed else model.module.encode_image(px)
-                txt = raw_model.encode_text(ids, msk)
-                losses = {"contrastive": contrastive(img.cls.float(), txt.cls.float(), raw_model.logit_scale)}
+                img, txt, logit_scale = model(px, ids, msk)
+                losses = {"contrastive": contrastive(img.cls.float(), txt.cls.float(), logit_scale)}
                 if cfg.loss.kd > 0:
                     losses["kd"] = kd_loss(img.kd, txt.kd, t_glob[idx].to(device))
                 if cfg.loss.target_cmli > 0:
@@ -224,7 +224,7 @@ def train(cfg: TrainConfig) -> dict:
                     )
                 if cfg.loss.cmli_contrastive > 0:
                     losses["cmli_contrastive"] = cmli_contrastive_loss(
-                        img.patches.float(), txt.tokens.float(), txt.token_mask.float(), raw_model.logit_scale
+                        img.patches.float(), txt.tokens.float(), txt.token_mask.float(), logit_scale
                     )
                 weights = cfg.loss.model_dump()
                 loss = sum(weights[k] * v for k, v in losses.items())
@@ -292,9 +292,16 @@ def train(cfg: TrainConfig) -> dict:
         "best": best,
         "history": history,
         "seconds": round(time.time() - t_start, 1),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
     }
+    if distributed:  # every replica must hold the same weights, or gradients were not synchronised
+        checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
+        replicas = [torch.zeros_like(checksum) for _ in range(world)]
+        torch.distributed.all_gather(replicas, checksum)
+        if not all(torch.allclose(r, replicas[0]) for r in replicas):
+            raise RuntimeError(f"DDP replicas diverged: {[float(r) for r in replicas]}")
+        summary["replicas_in_sync"] = world
     if is_main:
         if val_split is None:  # no validation split: the last epoch is the model
             save_checkpoint(out_dir / "best.safetensors", raw_model, init, cfg.seed, {"train_config": cfg.model_dump()})
