@@ -66,3 +66,29 @@ def test_efficientnet_teacher_recognises_a_cat():
     assert set(top5) & set(range(281, 288)), top5  # ImageNet's cat classes
     glob, patches = teacher(px)
     assert glob.shape == (1, 1280) and patches.shape == (1, 49, 1280)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2"])
+def test_local_hf_vision_folder_matches_transformers(tmp_path, kind):
+    """A user's local HF ViT / DINOv2 folder (here: random weights saved by transformers) loads into
+    our tower and computes what transformers computes."""
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    from model.config import VisionConfig
+
+    torch.manual_seed(0)
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    if kind == "vit":
+        hf = ViTModel(ViTConfig(intermediate_size=128, **common), add_pooling_layer=False)
+        ours_cfg = VisionConfig(
+            image_size=32, patch_size=8, width=32, depth=2, heads=2, layer_scale_init=None, norm_eps=1e-12
+        )
+    else:
+        hf = Dinov2Model(Dinov2Config(mlp_ratio=4, layerscale_value=0.5, **common))
+        ours_cfg = VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, layer_scale_init=1.0)
+    hf.eval().save_pretrained(tmp_path)
+    ours = VisionTransformer(ours_cfg).eval()
+    P.load_hf_vision(ours, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4)
