@@ -297,3 +297,12 @@ def test_kill_9_during_indexing_keeps_every_acknowledged_item(tiny_model_dir, tm
         assert ready["items"] == len(present)
         r = c.post("/search/image", files={"file": ("q.jpg", jpeg(1000), "image/jpeg")}, data={"k": 1})
         assert r.json()["results"][0]["id"] == "a0" or "a0" not in acked
+
+
+def test_request_timeout_answers_504_and_the_server_recovers(tiny_model_dir, tmp_path):
+    settings = {"request_timeout_s": 0.000001, "max_wait_ms": 50}
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, **settings) as srv, srv.client() as c:
+        r = c.post("/embed/text", json={"texts": ["a dog"]})
+        assert r.status_code == 504 and error_of(r) == "timeout"
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200
