@@ -241,7 +241,7 @@ def train(cfg: TrainConfig) -> dict:
                     loss=round(float(loss.detach()), 5),
                     lr=sched.get_last_lr()[0],
                     grad_norm=round(float(grad_norm), 4),
-                    scale=round(float(raw_model.logit_scale.exp()), 3),
+                    scale=round(float(raw_model.logit_scale.detach().exp()), 3),
                 )
                 log.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{float(loss):.3f}")
