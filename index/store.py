@@ -32,6 +32,7 @@ import numpy as np
 from index.cmli import pad_candidates, rerank_cmli
 from index.codecs import PatchCodec
 from index.errors import CorruptStoreFile, ReadOnlyStore, StoreMismatch, UnknownItem
+from index.pooling import pool_patches
 
 SNAPSHOT_MAGIC = b"EMKUMCLS1"
 SCHEMA = """
@@ -56,6 +57,8 @@ class StoreConfig:
     patch_codec: str = "SQfp16"  # SQfp16 (exact to fp16), SQ8, PQ32x8, ...
     use_gpu: bool = True  # move the CLS index to the GPU when this faiss build has one
     snapshot_every: int = 5000  # changes between CLS snapshots (the log covers the rest)
+    patch_pool: int = 1  # average factor x factor cells of the patch grid before storing
+    patch_grid: int | None = None  # the model's patch grid (model.json image.grid), needed to pool
 
 
 @dataclass
@@ -119,7 +122,12 @@ class VectorStore:
 
     def _check_meta(self) -> None:
         stored = self._meta("config")
-        mine = {"dim": self.config.dim, "model": self.config.model, "patch_codec": self.config.patch_codec}
+        mine = {
+            "dim": self.config.dim,
+            "model": self.config.model,
+            "patch_codec": self.config.patch_codec,
+            "patch_pool": self.config.patch_pool,
+        }
         if stored is None:
             self._db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(mine),))
             return
@@ -128,7 +136,7 @@ class VectorStore:
         except (ValueError, TypeError) as exc:
             raise CorruptStoreFile(f"{self.db_path}: unreadable store config ({exc})") from exc
         for key, value in mine.items():
-            if theirs.get(key) != value:
+            if theirs.get(key, 1 if key == "patch_pool" else None) != value:
                 raise StoreMismatch(
                     f"{self.db_path} was written with {key}={theirs.get(key)!r}, this service has {value!r}; "
                     "use another data directory or re-index with this model"
@@ -291,7 +299,7 @@ class VectorStore:
     # -- writes ---------------------------------------------------------------------------------
     def add(self, items: Iterable[ItemInput]) -> list[str]:
         """Insert or replace items; returns 'created' or 'updated' per item once durable on disk."""
-        items = list(items)
+        items = [self._pooled(it) for it in items]
         for it in items:
             self._validate(it)
         with self._lock:
@@ -369,6 +377,14 @@ class VectorStore:
             # the change log still holds everything if this fails; try again at the next change
             with contextlib.suppress(ReadOnlyStore):
                 self.snapshot()
+
+    def _pooled(self, it: ItemInput) -> ItemInput:
+        if self.config.patch_pool == 1:
+            return it
+        if self.config.patch_grid is None:
+            raise ValueError("patch_pool needs patch_grid (the model's patch grid)")
+        vectors = pool_patches(np.asarray(it.vectors, dtype=np.float32), self.config.patch_grid, self.config.patch_pool)
+        return ItemInput(it.id, it.cls, vectors, it.metadata)
 
     def _validate(self, it: ItemInput) -> None:
         d = self.config.dim

@@ -38,6 +38,8 @@ def load_state(state: AppState) -> None:
             patch_codec=s.patch_codec,
             use_gpu=s.use_gpu_index,
             snapshot_every=s.snapshot_every,
+            patch_pool=s.patch_pool,
+            patch_grid=card["image"]["grid"],
         ),
     )
     state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])

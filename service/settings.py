@@ -44,6 +44,7 @@ class Settings(BaseSettings):
 
     cls_factory: str = "Flat"
     patch_codec: str = "SQfp16"
+    patch_pool: int = Field(1, ge=1)  # 2: average 2x2 patch cells (4x less memory and rerank work)
     use_gpu_index: bool = True
     snapshot_every: int = 5000
     thumbnail_size: int = 256

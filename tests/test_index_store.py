@@ -223,3 +223,23 @@ def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
 def _cls_of(store: VectorStore, name: str) -> np.ndarray:
     row = store._db.execute("SELECT cls FROM items WHERE id = ?", (name,)).fetchone()
     return np.frombuffer(row[0], dtype=np.float32)
+
+
+def test_patch_pooling_averages_grid_cells_and_is_recorded(tmp_path, rng):
+    from index.pooling import pool_patches
+
+    grid = 4
+    vectors = unit(rng.normal(size=(grid * grid, D)))
+    pooled = pool_patches(vectors, grid, 2)
+    assert pooled.shape == (4, D)
+    cell = vectors.reshape(2, 2, 2, 2, D)[0, :, 1, :].reshape(4, D).mean(0)  # top-right 2x2 cell
+    np.testing.assert_allclose(pooled[1], cell / np.linalg.norm(cell), atol=1e-6)
+    store = VectorStore(tmp_path, cfg(patch_pool=2, patch_grid=grid))
+    store.add([ItemInput("a", unit(rng.normal(size=D)), vectors)])
+    assert store.get("a")["n_vectors"] == 4
+    np.testing.assert_allclose(store.vectors("a"), pooled, atol=1e-3)
+    store.close()
+    with pytest.raises(StoreMismatch, match="patch_pool"):
+        VectorStore(tmp_path, cfg(patch_pool=1))
+    with pytest.raises(ValueError, match="cannot pool"):
+        pool_patches(vectors[:15], grid, 2)

@@ -59,7 +59,7 @@ async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, 
                 }
                 for label, s in zip(labels, sims, strict=True)
             ]
-            row["grid"] = state.card["image"]["grid"]
+            row["grid"] = state.card["image"]["grid"] // state.settings.patch_pool
         results.append(row)
     return results
 

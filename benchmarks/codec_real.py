@@ -1,0 +1,113 @@
+"""Patch codecs and pooling on the default model's real vectors (Flickr8k val, 1,000 images, the
+first caption of each as the query): bytes per image, top-10 overlap of the CMLI rerank of the CLS
+top-100 against exact fp32 vectors, and text->image recall with the model's fused rerank (K = 20).
+
+    python benchmarks/codec_real.py     # ~5 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.machine import describe  # noqa: E402
+from index import StoreConfig, VectorStore  # noqa: E402
+from index.cmli import rerank_cmli  # noqa: E402
+from index.store import ItemInput  # noqa: E402
+from service.encoders import Encoders  # noqa: E402
+from service.modelcard import load_model_card  # noqa: E402
+from service.tokenizer import TextTokenizer  # noqa: E402
+from training.data import decode_square, read_karpathy  # noqa: E402
+from training.eval_exported import preprocess_array  # noqa: E402
+from training.metrics import t2i_recall  # noqa: E402
+
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+VARIANTS = [
+    (1, "SQfp16"),
+    (1, "SQ8"),
+    (1, "SQ4"),
+    (1, "PQ64x8"),
+    (1, "PQ32x8"),
+    (2, "SQfp16"),
+    (2, "SQ8"),
+    (2, "SQ4"),
+    (2, "PQ32x8"),
+]
+
+
+def main() -> None:
+    model_dir = ROOT / "artifacts" / "emkum-flickr8k"
+    card = load_model_card(model_dir)
+    enc = Encoders(model_dir, card)
+    tok = TextTokenizer(model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
+    pairs = read_karpathy(FLICKR / "dataset_flickr8k.json", str(FLICKR / "images-val-*.tar"), "val")
+    spec = card["image"]
+    images = []
+    for s in tqdm(range(0, len(pairs), 32), desc="embed images"):
+        px = [preprocess_array(decode_square(p.read(), spec["size"]), spec) for p in pairs[s : s + 32]]
+        images.extend(enc.embed_images_now(px))
+    batch = tok([p.captions[0] for p in pairs])
+    queries = enc.embed_tokens_now(
+        [
+            (batch.ids[i, : int(batch.mask[i].sum())], batch.mask[i, : int(batch.mask[i].sum())])
+            for i in range(len(pairs))
+        ]
+    )
+    enc.close()
+    truth = np.arange(len(pairs))
+    cls = np.stack([e.cls for e in images])
+    exact_patches = np.stack([e.patches for e in images])
+    weight = float(card["rerank"]["cls_weight"])
+    exact_top10 = []
+    for q in queries:
+        cand = np.argsort(-(cls @ q.cls))[:100]
+        scores, _ = rerank_cmli(q.tokens, q.mask, exact_patches[cand])
+        exact_top10.append(set(cand[np.argsort(-scores)[:10]].tolist()))
+    report = {"machine": describe(), "model": card["name"], "images": len(pairs), "queries": len(queries), "rows": []}
+    for pool, codec in VARIANTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = VectorStore(
+                tmp,
+                StoreConfig(
+                    card["dim"],
+                    card["name"],
+                    patch_codec=codec,
+                    use_gpu=False,
+                    patch_pool=pool,
+                    patch_grid=spec["grid"],
+                ),
+            )
+            store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])
+            overlap, ranked, seconds = [], [], []
+            for q, ref in zip(queries, exact_top10, strict=True):
+                hits = store.search(q.cls, q.tokens, q.mask, k=10, candidates=100, cls_weight=0.0)
+                overlap.append(len({int(h.id) for h in hits} & ref) / 10)
+                t0 = time.perf_counter()
+                hits = store.search(q.cls, q.tokens, q.mask, k=10, candidates=20, cls_weight=weight)
+                seconds.append(time.perf_counter() - t0)
+                ranked.append([int(h.id) for h in hits])
+            row = {
+                "patch_pool": pool,
+                "codec": codec,
+                "bytes_per_image": int(store.bytes_per_item()),
+                "top10_overlap_vs_exact_fp32": round(float(np.mean(overlap)), 4),
+                "t2i_rerank_k20": t2i_recall(np.array(ranked), truth),
+                "search_p50_ms_k20": round(float(np.median(seconds)) * 1000, 2),
+            }
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    out = ROOT / "benchmarks" / "results" / "codec_real.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
