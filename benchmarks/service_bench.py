@@ -34,8 +34,16 @@ from tests.server import running_server  # noqa: E402
 WORDS = ["dog", "man", "woman", "child", "beach", "snow", "red", "bike", "water", "street", "grass", "ball"]
 
 
-def fill(data_dir: Path, card: dict, n: int, codec: str, rng: np.random.Generator) -> None:
-    store = VectorStore(data_dir, StoreConfig(dim=card["dim"], model=card["name"], patch_codec=codec, use_gpu=False))
+def fill(data_dir: Path, card: dict, n: int, codec: str, pool: int, rng: np.random.Generator) -> None:
+    config = StoreConfig(
+        dim=card["dim"],
+        model=card["name"],
+        patch_codec=codec,
+        use_gpu=False,
+        patch_pool=pool,
+        patch_grid=card["image"]["grid"],
+    )
+    store = VectorStore(data_dir, config)
     patches = card["image"]["num_patches"]
     for start in tqdm(range(0, n, 256), desc=f"fill {n} items", unit="batch"):
         batch = []
@@ -90,6 +98,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "artifacts" / "emkum-flickr8k")
     ap.add_argument("--items", type=int, nargs="+", default=[10_000])
     ap.add_argument("--codec", default="SQ8")
+    ap.add_argument("--pool", type=int, default=1, help="patch pooling factor (EMKUM_PATCH_POOL)")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "service_bench.json")
@@ -106,8 +115,9 @@ def main() -> None:
     for n in args.items:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data"
-            fill(data, card, n, args.codec, rng)
-            with running_server(args.model_dir, data, Path(tmp), patch_codec=args.codec, queue_size=1024) as srv:
+            fill(data, card, n, args.codec, args.pool, rng)
+            settings = {"patch_codec": args.codec, "patch_pool": args.pool, "queue_size": 1024}
+            with running_server(args.model_dir, data, Path(tmp), **settings) as srv:
                 for rerank in (False, True):
                     for c in args.concurrency:
                         row = {"items": n, **asyncio.run(load(srv.url, c, args.requests, rerank, rng))}
