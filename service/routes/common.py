@@ -24,7 +24,7 @@ async def read_upload(state: AppState, upload: UploadFile) -> bytes:
 
 
 async def decode_upload(state: AppState, upload: UploadFile):
-    """Returns (PIL image, model input) for one uploaded file; 4xx on anything wrong with it."""
+    """Returns (bytes, PIL image, model input) for one uploaded file; 4xx on anything wrong with it."""
     data = await read_upload(state, upload)
     s = state.settings
     start = time.perf_counter()
@@ -34,7 +34,7 @@ async def decode_upload(state: AppState, upload: UploadFile):
     spec = state.card["image"]
     pixels = await run_in_threadpool(preprocess, image, spec["size"], spec["mean"], spec["std"])
     metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
-    return image, pixels
+    return data, image, pixels
 
 
 async def embed_image(state: AppState, pixels: np.ndarray) -> ImageEmbedding:

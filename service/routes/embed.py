@@ -28,7 +28,7 @@ async def embed_images(
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
     out = []
     for upload in files:
-        _, pixels = await decode_upload(state, upload)
+        _, _, pixels = await decode_upload(state, upload)
         emb = await embed_image(state, pixels)
         item = {"cls": emb.cls.tolist()}
         if patches:

@@ -13,7 +13,7 @@ from service import metrics
 from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
 from service.images import thumbnail_jpeg
-from service.routes.common import decode_upload, embed_image, read_upload
+from service.routes.common import decode_upload, embed_image
 
 router = APIRouter(tags=["items"])
 
@@ -56,9 +56,7 @@ async def add_items(
         if item_id is not None and not 1 <= len(item_id) <= 512:
             raise ApiError(422, "invalid_id", f"{name}: ids must be 1 to 512 characters")
         meta = parse_metadata(metadata[i] if metadata else None, name)
-        data = await read_upload(state, upload)
-        await upload.seek(0)
-        image, pixels = await decode_upload(state, upload)
+        data, image, pixels = await decode_upload(state, upload)
         meta.setdefault("filename", name)
         prepared.append((item_id or hashlib.sha1(data).hexdigest(), meta, image, pixels))
     items = []

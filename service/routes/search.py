@@ -95,7 +95,7 @@ async def search_image(
     start = time.perf_counter()
     k, candidates = check_k(state, k, candidates)
     timings: dict[str, float] = {}
-    _, pixels = await decode_upload(state, file)
+    _, _, pixels = await decode_upload(state, file)
     t0 = time.perf_counter()
     emb = await embed_image(state, pixels)
     timings["encode"] = _ms(time.perf_counter() - t0)
