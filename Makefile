@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup lint bench-index
+.PHONY: demo test setup system-deps lint bench-index
 setup: $(VENV)/.ready
 
 # torch and torchvision are pinned to the pair this platform serves from its local wheels (CPU here,
@@ -20,7 +20,13 @@ $(VENV)/.ready: pyproject.toml
 demo: setup
 	$(BIN)/emkum demo
 
-test: setup
+# A real Prometheus and a headless browser for the end-to-end tests (Debian packages).
+system-deps:
+	@if ! command -v promtool >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus chromium chromium-driver >/dev/null; fi
+
+test: setup system-deps
 	$(BIN)/python -m pytest
 
 lint: setup
