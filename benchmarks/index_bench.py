@@ -91,7 +91,9 @@ def codec_quality(n_items: int, n_queries: int, codecs: list[str], rng) -> dict:
     return results
 
 
-def latency(n_items: int, factory: str, codec_name: str, n_queries: int, ks: list[int], rng) -> dict:
+def latency(
+    n_items: int, factory: str, codec_name: str, n_queries: int, ks: list[int], rng, n_vectors: int = N_PATCH
+) -> dict:
     cls = unit(rng.standard_normal((n_items, D), dtype=np.float32))
     index = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
@@ -104,9 +106,10 @@ def latency(n_items: int, factory: str, codec_name: str, n_queries: int, ks: lis
     codec = PatchCodec(codec_name, D)
     if not codec.is_trained:
         codec.train(unit(rng.standard_normal((20_000, D), dtype=np.float32)))
-    codes = rng.integers(0, 256, size=(n_items, N_PATCH, codec.code_size), dtype=np.uint8)
+    codes = rng.integers(0, 256, size=(n_items, n_vectors, codec.code_size), dtype=np.uint8)
     out = {
         "items": n_items,
+        "vectors_per_item": n_vectors,
         "cls_factory": factory,
         "codec": codec_name,
         "build_s": round(build_s, 1),
@@ -120,7 +123,7 @@ def latency(n_items: int, factory: str, codec_name: str, n_queries: int, ks: lis
             t0 = time.perf_counter()
             _, cand = index.search(q[None], k)
             t1 = time.perf_counter()
-            decoded = codec.decode(codes[cand[0]].reshape(-1, codec.code_size)).reshape(k, N_PATCH, D)
+            decoded = codec.decode(codes[cand[0]].reshape(-1, codec.code_size)).reshape(k, n_vectors, D)
             rerank_cmli(tokens, np.ones(WORDS), decoded)
             t2 = time.perf_counter()
             ann.append(t1 - t0)
@@ -174,6 +177,9 @@ def main() -> None:
     ap.add_argument("--quality-items", type=int, default=3000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--codecs", nargs="+", default=["SQfp16", "SQ8", "PQ64x8", "PQ32x8", "PQ16x8"])
+    ap.add_argument("--latency-codec", default="PQ32x8")
+    ap.add_argument("--latency-vectors", type=int, default=N_PATCH, help="vectors per item (64 = 2x2 pooling)")
+    ap.add_argument("--latency-only", action="store_true", help="skip the codec-quality and add-throughput parts")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "index_bench.json")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -185,14 +191,17 @@ def main() -> None:
         "words_per_query": WORDS,
         "command": " ".join(sys.argv),
     }
-    report["codec_quality"] = codec_quality(args.quality_items, args.queries, args.codecs, rng)
-    report["add_throughput"] = [add_throughput(1024, c, rng) for c in ("SQ8", "PQ32x8")]
-    print(report["add_throughput"], flush=True)
+    if not args.latency_only:
+        report["codec_quality"] = codec_quality(args.quality_items, args.queries, args.codecs, rng)
+        report["add_throughput"] = [add_throughput(1024, c, rng) for c in ("SQ8", "PQ32x8")]
+        print(report["add_throughput"], flush=True)
     report["latency"] = []
     for n in args.sizes:
         factories = ["Flat"] if n <= 200_000 else ["IVF4096,Flat"]
         for factory in factories:
-            report["latency"].append(latency(n, factory, "PQ32x8", args.queries, [100, 1000], rng))
+            report["latency"].append(
+                latency(n, factory, args.latency_codec, args.queries, [100, 1000], rng, args.latency_vectors)
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
