@@ -221,6 +221,31 @@ def search(
         typer.echo(f"{h.score:.4f}  {h.id}  {json.dumps(h.metadata)}")
 
 
+@app.command("bulk-index")
+def bulk_index_command(
+    folder: Annotated[Path, typer.Argument(help="a folder of images, searched recursively")],
+    out_dir: Annotated[Path, typer.Argument(help="where the index shards go (shard-00, shard-01, ...)")],
+    model_dir: Annotated[Path, typer.Option(help="exported model")] = Path("artifacts/emkum-flickr8k"),
+    shards: Annotated[int, typer.Option(min=1, help="index shards (items go to crc32(id) % shards)")] = 2,
+    encoders: Annotated[int, typer.Option(min=1, help="encoder actors (one ONNX session each)")] = 1,
+    gpus_per_encoder: Annotated[float, typer.Option(help="GPUs per encoder actor (0 = CPU)")] = 0.0,
+    batch: Annotated[int, typer.Option(min=1)] = 32,
+    codec: Annotated[str, typer.Option(help="patch codec of the shards")] = "SQfp16",
+    pool: Annotated[int, typer.Option(min=1, help="patch pooling factor of the shards")] = 1,
+    address: Annotated[str | None, typer.Option(help="an existing Ray cluster (default: start a local one)")] = None,
+) -> None:
+    """Bulk-index a large folder on Ray Data: decoding on every CPU of the cluster, encoders as actors
+    (on GPUs with --gpus-per-encoder 1), written to index shards the service can serve one by one."""
+    import ray
+
+    from service.bulk import bulk_index
+
+    if address:
+        ray.init(address=address)
+    report = bulk_index(folder, out_dir, model_dir, shards, encoders, batch, gpus_per_encoder, codec=codec, pool=pool)
+    typer.echo(json.dumps(report, indent=2))
+
+
 def demo_images() -> Path:
     """Real photographs that scikit-image ships in its wheel (no download)."""
     import skimage

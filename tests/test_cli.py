@@ -10,6 +10,11 @@ from service.cli import app
 from tests.images import jpeg
 
 
+def last_json(output: str) -> dict:
+    """The report a command printed last (libraries may log other lines with braces before it)."""
+    return json.JSONDecoder().raw_decode(output[output.rfind('{\n  "') :])[0]
+
+
 def test_index_folder_is_resumable_and_reports_bad_files(tiny_model_dir, tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
@@ -45,3 +50,47 @@ def test_settings_from_a_toml_file_and_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EMKUM_MAX_BATCH", "9")  # the environment wins over the file
     s = Settings()
     assert (s.port, s.max_batch, s.patch_codec) == (9001, 9, "SQ8")
+
+
+def test_bulk_index_on_a_local_ray_cluster(tiny_model_dir, tmp_path):
+    """Ray Data: decode tasks, an encoder actor, two shards; bad files reported; a rerun resumes;
+    each shard is a data directory the service can open."""
+    import ray  # a dev dependency: this test runs in CI
+
+    from index import StoreConfig, VectorStore
+    from service.bulk import shard_of
+    from service.modelcard import load_model_card
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(24):
+        (photos / f"p{i}.jpg").write_bytes(jpeg(i, 40))
+    (photos / "bad.png").write_bytes(b"\x89PNG broken")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        runner = CliRunner()
+        args = [
+            "bulk-index",
+            str(photos),
+            str(tmp_path / "shards"),
+            "--model-dir",
+            str(tiny_model_dir),
+            "--shards",
+            "2",
+            "--batch",
+            "8",
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        report = last_json(result.output)
+        assert report["indexed"] == 24 and len(report["bad_files"]) == 1 and "bad.png" in report["bad_files"][0]
+        assert sum(report["shards"].values()) == 24 and min(report["shards"].values()) > 0
+        again = last_json(runner.invoke(app, args).output)
+        assert again["skipped_existing"] == 24 and again["indexed"] == 0
+    finally:
+        ray.shutdown()
+    card = load_model_card(tiny_model_dir)
+    for shard in (0, 1):
+        store = VectorStore(tmp_path / "shards" / f"shard-{shard:02d}", StoreConfig(card["dim"], card["name"]))
+        ids = {x["id"] for x in store.list(limit=100)}
+        assert ids and all(shard_of(i, 2) == shard for i in ids)
