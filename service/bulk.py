@@ -19,10 +19,8 @@ import numpy as np
 from index import StoreConfig, VectorStore
 from index.store import ItemInput
 from service.errors import ApiError
-from service.images import decode_image, preprocess
+from service.images import decode_image, find_images, preprocess
 from service.modelcard import load_model_card
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
 def shard_of(item_id: str, shards: int) -> int:
@@ -93,7 +91,7 @@ def bulk_index(
         patch_grid=card["image"]["grid"],
     )
     stores = [VectorStore(out_dir / f"shard-{i:02d}", config) for i in range(shards)]
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = find_images(folder)
     rows = [{"path": str(p), "id": str(p.relative_to(folder))} for p in files]
     todo = [r for r in rows if r["id"] not in stores[shard_of(r["id"], shards)]]
     report = {

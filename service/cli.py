@@ -137,9 +137,6 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-
-
 @app.command("index")
 def index_folder(
     folder: Annotated[Path, typer.Argument(help="a folder of images, searched recursively")],
@@ -155,13 +152,13 @@ def index_folder(
     from service.app import load_state
     from service.deps import AppState
     from service.errors import ApiError
-    from service.images import decode_image, preprocess, thumbnail_jpeg
+    from service.images import decode_image, find_images, preprocess, thumbnail_jpeg
     from service.routes.items import thumb_path
 
     settings = _settings(model_dir=model_dir, data_dir=data_dir)
     state = AppState(settings=settings)
     load_state(state)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = find_images(folder)
     todo = [p for p in files if str(p.relative_to(folder)) not in state.store]
     spec = state.card["image"]
     bad: list[str] = []

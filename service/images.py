@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -14,6 +15,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from service.errors import ApiError
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Every file under `folder` (recursively) whose suffix says image, sorted: bulk indexers' input."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def decode_image(data: bytes, filename: str, max_bytes: int, max_pixels: int) -> Image.Image:
