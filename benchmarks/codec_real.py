@@ -19,11 +19,11 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
-from index import StoreConfig, VectorStore  # noqa: E402
+from index import VectorStore  # noqa: E402
 from index.cmli import rerank_cmli  # noqa: E402
 from index.store import ItemInput  # noqa: E402
 from service.encoders import Encoders  # noqa: E402
-from service.modelcard import load_model_card  # noqa: E402
+from service.modelcard import load_model_card, store_config  # noqa: E402
 from service.tokenizer import TextTokenizer  # noqa: E402
 from training.data import decode_square, read_karpathy  # noqa: E402
 from training.eval_exported import preprocess_array  # noqa: E402
@@ -76,14 +76,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             store = VectorStore(
                 tmp,
-                StoreConfig(
-                    card["dim"],
-                    card["name"],
-                    patch_codec=codec,
-                    use_gpu=False,
-                    patch_pool=pool,
-                    patch_grid=spec["grid"],
-                ),
+                store_config(card, patch_codec=codec, use_gpu=False, patch_pool=pool),
             )
             store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])
             overlap, ranked, seconds = [], [], []

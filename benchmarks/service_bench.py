@@ -26,23 +26,16 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
-from index import StoreConfig, VectorStore  # noqa: E402
+from index import VectorStore  # noqa: E402
 from index.store import ItemInput  # noqa: E402
-from service.modelcard import load_model_card  # noqa: E402
+from service.modelcard import load_model_card, store_config  # noqa: E402
 from tests.server import running_server  # noqa: E402
 
 WORDS = ["dog", "man", "woman", "child", "beach", "snow", "red", "bike", "water", "street", "grass", "ball"]
 
 
 def fill(data_dir: Path, card: dict, n: int, codec: str, pool: int, rng: np.random.Generator) -> None:
-    config = StoreConfig(
-        dim=card["dim"],
-        model=card["name"],
-        patch_codec=codec,
-        use_gpu=False,
-        patch_pool=pool,
-        patch_grid=card["image"]["grid"],
-    )
+    config = store_config(card, patch_codec=codec, use_gpu=False, patch_pool=pool)
     store = VectorStore(data_dir, config)
     patches = card["image"]["num_patches"]
     for start in tqdm(range(0, n, 256), desc=f"fill {n} items", unit="batch"):

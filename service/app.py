@@ -10,12 +10,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from index import StoreConfig, VectorStore
+from index import VectorStore
 from service import metrics
 from service.deps import AppState
 from service.encoders import Encoders
 from service.errors import error_response, install_handlers
-from service.modelcard import load_model_card
+from service.modelcard import load_model_card, store_config
 from service.routes import embed, health, items, search, web
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
@@ -31,15 +31,13 @@ def load_state(state: AppState) -> None:
     )
     store = VectorStore(
         s.data_dir,
-        StoreConfig(
-            dim=card["dim"],
-            model=card["name"],
+        store_config(
+            card,
             cls_factory=s.cls_factory,
             patch_codec=s.patch_codec,
             use_gpu=s.use_gpu_index,
             snapshot_every=s.snapshot_every,
             patch_pool=s.patch_pool,
-            patch_grid=card["image"]["grid"],
         ),
     )
     state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])

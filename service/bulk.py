@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from index import StoreConfig, VectorStore
+from index import VectorStore
 from index.store import ItemInput
 from service.errors import ApiError
 from service.images import decode_image, find_images, preprocess
-from service.modelcard import load_model_card
+from service.modelcard import load_model_card, store_config
 
 
 def shard_of(item_id: str, shards: int) -> int:
@@ -82,14 +82,7 @@ def bulk_index(
     import ray
 
     card = load_model_card(model_dir)
-    config = StoreConfig(
-        dim=card["dim"],
-        model=card["name"],
-        patch_codec=codec,
-        use_gpu=False,
-        patch_pool=pool,
-        patch_grid=card["image"]["grid"],
-    )
+    config = store_config(card, patch_codec=codec, use_gpu=False, patch_pool=pool)
     stores = [VectorStore(out_dir / f"shard-{i:02d}", config) for i in range(shards)]
     files = find_images(folder)
     rows = [{"path": str(p), "id": str(p.relative_to(folder))} for p in files]

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from index import StoreConfig
+
 SUPPORTED_FORMAT = 1
 
 
@@ -31,3 +33,9 @@ def load_model_card(model_dir: Path) -> dict[str, Any]:
         if not (Path(model_dir) / card["files"][key]).is_file():
             raise ModelDirError(f"{model_dir}: {card['files'][key]} is missing")
     return card
+
+
+def store_config(card: dict[str, Any], **options: Any) -> StoreConfig:
+    """The index configuration for this model: its vector size, name and patch grid, plus options
+    (codec, pooling, CLS factory, ...). The store refuses a data directory written for another model."""
+    return StoreConfig(dim=card["dim"], model=card["name"], patch_grid=card["image"]["grid"], **options)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index import StoreConfig, VectorStore
+from index import VectorStore
 from index.store import ItemInput
 from service.encoders import Encoders
 from service.images import preprocess
-from service.modelcard import load_model_card
+from service.modelcard import load_model_card, store_config
 from service.tokenizer import TextTokenizer
 from training.data import decode_square, read_spec
 from training.metrics import i2t_recall, summarise, t2i_recall
@@ -49,9 +49,9 @@ def evaluate_exported(
     encoders.close()
     weight = float(card.get("rerank", {}).get("cls_weight", 0.5))
     with tempfile.TemporaryDirectory() as tmp:
-        image_store = VectorStore(Path(tmp) / "images", StoreConfig(card["dim"], card["name"], use_gpu=False))
+        image_store = VectorStore(Path(tmp) / "images", store_config(card, use_gpu=False))
         image_store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])
-        text_store = VectorStore(Path(tmp) / "texts", StoreConfig(card["dim"], card["name"], use_gpu=False))
+        text_store = VectorStore(Path(tmp) / "texts", store_config(card, use_gpu=False))
         text_store.add([ItemInput(str(i), e.cls, e.tokens[e.mask.astype(bool)]) for i, e in enumerate(embedded)])
         out = {}
         for mode, rerank in (("cls", False), ("rerank", True)):
