@@ -271,10 +271,10 @@ class VectorStore:
     def snapshot(self) -> None:
         """Write the CLS index with the change sequence it contains; atomic by rename."""
         with self._lock:
-            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
-            index = faiss.index_gpu_to_cpu(self._cls) if self.gpu else self._cls
             if self._pending:  # untrained index: the pending vectors are replayed from the log
                 return
+            seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+            index = faiss.index_gpu_to_cpu(self._cls) if self.gpu else self._cls
             body = faiss.serialize_index(index).tobytes()
             header = json.dumps(
                 {
@@ -519,7 +519,9 @@ class VectorStore:
         if self._cls.ntotal:
             fetch = min(n + len(self._tombstones), self._cls.ntotal)
             s, i = self._cls.search(q, fetch)
-            keep = (i[0] >= 0) & np.array([x not in self._tombstones for x in i[0]], dtype=bool)
+            keep = i[0] >= 0  # -1 pads a short IVF result
+            if self._tombstones:  # only HNSW deletions leave any
+                keep &= ~np.isin(i[0], np.fromiter(self._tombstones, dtype=np.int64))
             iids, scores = i[0][keep], s[0][keep]
         if self._pending:  # not yet trained: exact search over the waiting vectors
             p_iids = np.fromiter(self._pending, dtype=np.int64)
