@@ -18,8 +18,7 @@ import numpy as np
 
 from index import VectorStore
 from index.store import ItemInput
-from service.errors import ApiError
-from service.images import decode_image, find_images, preprocess
+from service.images import decode_image_file, find_images, preprocess
 from service.modelcard import load_model_card, store_config
 
 
@@ -33,13 +32,10 @@ def _decode_batch(batch: dict, spec: dict, max_bytes: int, max_pixels: int) -> d
     pixels = np.zeros((len(batch["id"]), 3, size, size), np.float32)
     errors = []
     for i, path in enumerate(batch["path"]):
-        try:
-            im = decode_image(Path(path).read_bytes(), Path(path).name, max_bytes, max_pixels)
-        except (ApiError, OSError) as exc:
-            errors.append(f"{path}: {getattr(exc, 'message', exc)}")
-            continue
-        pixels[i] = preprocess(im, size, spec["mean"], spec["std"])
-        errors.append("")
+        im, error = decode_image_file(Path(path), max_bytes, max_pixels)
+        errors.append(error or "")
+        if im is not None:
+            pixels[i] = preprocess(im, size, spec["mean"], spec["std"])
     return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 

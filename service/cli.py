@@ -151,8 +151,7 @@ def index_folder(
     from index.store import ItemInput
     from service.app import load_state
     from service.deps import AppState
-    from service.errors import ApiError
-    from service.images import decode_image, find_images, preprocess, thumbnail_jpeg
+    from service.images import decode_image_file, find_images, preprocess, thumbnail_jpeg
     from service.routes.items import thumb_path
 
     settings = _settings(model_dir=model_dir, data_dir=data_dir)
@@ -167,10 +166,9 @@ def index_folder(
         for s in range(0, len(todo), batch):
             ok = []
             for path in todo[s : s + batch]:
-                try:
-                    im = decode_image(path.read_bytes(), path.name, settings.max_image_bytes, settings.max_image_pixels)
-                except (ApiError, OSError) as exc:
-                    bad.append(f"{path}: {getattr(exc, 'message', exc)}")
+                im, error = decode_image_file(path, settings.max_image_bytes, settings.max_image_pixels)
+                if im is None:
+                    bad.append(error)
                     continue
                 ok.append(
                     (

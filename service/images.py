@@ -50,6 +50,16 @@ def decode_image(data: bytes, filename: str, max_bytes: int, max_pixels: int) ->
     return to_rgb(im)
 
 
+def decode_image_file(path: Path, max_bytes: int, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    """For bulk indexing, where a bad file is reported and skipped: (image, None) or (None, reason)."""
+    try:
+        return decode_image(Path(path).read_bytes(), Path(path).name, max_bytes, max_pixels), None
+    except ApiError as exc:
+        return None, f"{path}: {exc.message}"
+    except OSError as exc:
+        return None, f"{path}: {exc}"
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Grayscale, palette, CMYK and alpha images become RGB; transparency is composited on white."""
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
