@@ -56,11 +56,30 @@ def cmli_i2t_matrix(
     return torch.cat(out, dim=0)
 
 
+def cmli_t2i_candidates(
+    tokens: torch.Tensor, token_mask: torch.Tensor, candidate_patches: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B text queries ([B, M, d], mask [B, M]), each against its own K candidate images
+    ([B, K, N, d]): t2i scores [B, K] (eq. 4) and the best patch of every word [B, K, M]."""
+    sim = torch.einsum("bmd,bknd->bkmn", tokens, candidate_patches)
+    best, best_patch = sim.max(dim=3)
+    return _masked_mean(best, token_mask[:, None, :]), best_patch
+
+
+def cmli_i2t_candidates(
+    patches: torch.Tensor, candidate_tokens: torch.Tensor, candidate_mask: torch.Tensor
+) -> torch.Tensor:
+    """B image queries ([B, N, d]), each against its own K candidate texts ([B, K, M, d], mask
+    [B, K, M]): i2t scores [B, K] (eq. 3, mean over patches of the best word)."""
+    sim = torch.einsum("bnd,bkmd->bknm", patches, candidate_tokens)
+    sim = sim.masked_fill(~candidate_mask.bool()[:, :, None, :], torch.finfo(sim.dtype).min)
+    return sim.max(dim=3).values.mean(dim=2)
+
+
 def cmli_query(
     tokens: torch.Tensor, token_mask: torch.Tensor, candidate_patches: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query ([M, d], mask [M]) against K candidates ([K, N, d]): t2i scores [K] and, for each
     candidate, the best patch of every query token [K, M] (what the service's `explain` shows)."""
-    sim = torch.einsum("md,knd->kmn", tokens, candidate_patches)
-    best, best_patch = sim.max(dim=2)
-    return _masked_mean(best, token_mask[None, :]), best_patch
+    scores, best_patch = cmli_t2i_candidates(tokens[None], token_mask[None], candidate_patches[None])
+    return scores[0], best_patch[0]

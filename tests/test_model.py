@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from model import Emkum, load_config
-from model.cmli import cmli_i2t_matrix, cmli_pairs, cmli_query, cmli_t2i_matrix
+from model.cmli import (
+    cmli_i2t_candidates,
+    cmli_i2t_matrix,
+    cmli_pairs,
+    cmli_query,
+    cmli_t2i_candidates,
+    cmli_t2i_matrix,
+)
 from model.config import EmkumConfig
 from tests.reference import cmli_i2t_loop, cmli_t2i_loop
 
@@ -122,6 +129,13 @@ def test_cmli_matches_bruteforce(seed):
     assert best[0, 1].item() == int(np.argmax(patches[0].numpy() @ tokens[0, 1].numpy()))
     scores, _ = cmli_query(tokens[0], mask[0], patches)
     torch.testing.assert_close(scores, t2i[0])
+    # per-query candidate sets: text t gets images (t, t+1) and image i gets texts (i, i+1), mod size
+    pick_img = torch.tensor([[t % 5, (t + 1) % 5] for t in range(4)])
+    cand_t2i, _ = cmli_t2i_candidates(tokens, mask, patches[pick_img])
+    torch.testing.assert_close(cand_t2i, torch.gather(t2i, 1, pick_img))
+    pick_txt = torch.tensor([[i % 4, (i + 1) % 4] for i in range(5)])
+    cand_i2t = cmli_i2t_candidates(patches, tokens[pick_txt], mask[pick_txt])
+    torch.testing.assert_close(cand_i2t, torch.gather(i2t, 1, pick_txt))
 
 
 def test_model_and_index_cmli_agree():

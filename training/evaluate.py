@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.cmli import cmli_i2t_candidates, cmli_t2i_candidates
 from model.emkum import Emkum
 from training.augment import normalize
 from training.metrics import i2t_recall, rerank, summarise, t2i_recall
@@ -55,15 +56,13 @@ def evaluate_embeddings(emb: dict[str, torch.Tensor], caption_image: np.ndarray,
         tok = emb["txt_tok"][s : s + 64].float()
         msk = emb["txt_mask"][s : s + 64].float()
         pat = emb["img_patch"][t2i_cand[s : s + 64]].float()  # [b, k, N, d]
-        best = torch.einsum("bmd,bknd->bkmn", tok, pat).max(-1).values
-        t2i_cmli[s : s + 64] = (best * msk[:, None]).sum(-1) / msk.sum(-1).clamp_min(1)[:, None]
+        t2i_cmli[s : s + 64] = cmli_t2i_candidates(tok, msk, pat)[0]
     i2t_cmli = torch.empty_like(i2t_scores)
     for s in range(0, sim.shape[1], 64):  # image query: eq. 3, mean over patches of max over words
         pat = emb["img_patch"][s : s + 64].float()
         tok = emb["txt_tok"][i2t_cand[s : s + 64]].float()  # [b, k, M, d]
-        msk = emb["txt_mask"][i2t_cand[s : s + 64]].bool()
-        block = torch.einsum("bnd,bkmd->bknm", pat, tok).masked_fill(~msk[:, :, None, :], -2.0)
-        i2t_cmli[s : s + 64] = block.max(-1).values.mean(-1)
+        msk = emb["txt_mask"][i2t_cand[s : s + 64]]
+        i2t_cmli[s : s + 64] = cmli_i2t_candidates(pat, tok, msk)
     arrays = [x.cpu().numpy() for x in (t2i_cand, t2i_scores, t2i_cmli, i2t_cand, i2t_scores, i2t_cmli)]
     t2i_c, t2i_s, t2i_m, i2t_c, i2t_s, i2t_m = arrays
     cls = summarise(i2t_recall(i2t_c, caption_image), t2i_recall(t2i_c, caption_image))
