@@ -27,7 +27,7 @@ def load_state(state: AppState) -> None:
     s = state.settings
     card = load_model_card(s.model_dir)
     encoders = Encoders(
-        s.model_dir, card, s.providers, s.fp16, s.intra_op_threads, s.max_batch, s.max_wait_ms, s.queue_size
+        s.model_dir, card, s.providers, s.precision, s.intra_op_threads, s.max_batch, s.max_wait_ms, s.queue_size
     )
     store = VectorStore(
         s.data_dir,
@@ -49,6 +49,7 @@ def load_state(state: AppState) -> None:
         {
             "model": card["name"],
             "provider": encoders.provider,
+            "precision": encoders.precision,
             "dim": str(card["dim"]),
             "index_on_gpu": str(store.gpu).lower(),
             "cls_factory": s.cls_factory,

@@ -67,13 +67,16 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint written by `emkum train`")],
     out_dir: Annotated[Path, typer.Argument(help="where to write image.onnx, text.onnx, tokenizer.json, model.json")],
     name: Annotated[str | None, typer.Option(help="model name recorded in model.json")] = None,
-    tolerance: Annotated[float, typer.Option(help="max relative error of ONNX Runtime vs torch")] = 1e-4,
+    tolerance: Annotated[float, typer.Option(help="max relative error of ONNX Runtime vs torch (fp32)")] = 1e-4,
+    fp16: Annotated[bool, typer.Option(help="also write image.fp16.onnx / text.fp16.onnx for GPUs")] = True,
+    fp16_tolerance: Annotated[float, typer.Option(help="max relative error of the fp16 variant vs fp32 torch")] = 5e-3,
 ) -> None:
     """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
     from training.export import export as run
 
-    card = run(checkpoint, out_dir, name=name, tolerance=tolerance)
-    typer.echo(json.dumps({"out_dir": str(out_dir), "parity": card["export"]["parity_relative_error"]}, indent=2))
+    card = run(checkpoint, out_dir, name=name, tolerance=tolerance, fp16=fp16, fp16_tolerance=fp16_tolerance)
+    parity = {k: v for k, v in card["export"].items() if k.startswith("parity")}
+    typer.echo(json.dumps({"out_dir": str(out_dir), **parity}, indent=2))
 
 
 @app.command("build-default")
@@ -101,6 +104,8 @@ def evaluate(
     split: Annotated[str, typer.Option(help="split name in the Karpathy JSON")] = "val",
     candidates: Annotated[int, typer.Option(help="K: CLS candidates reranked with CMLI")] = 20,
     limit: Annotated[int | None, typer.Option(help="evaluate the first N images only")] = None,
+    providers: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 for the model's fp16 graphs")] = "fp32",
     json_out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
 ) -> None:
     """Recall@1/5/10 both ways and Mean6, CLS-only and with CMLI rerank, through ONNX Runtime and the index.
@@ -108,7 +113,7 @@ def evaluate(
     from training.eval_exported import evaluate_exported
 
     spec = data if data.count(":") >= 3 else f"{data}:{split}"
-    result = evaluate_exported(model, spec, candidates, limit=limit)
+    result = evaluate_exported(model, spec, candidates, limit=limit, providers=providers, precision=precision)
     text = json.dumps(result, indent=2)
     if json_out:
         json_out.write_text(text)

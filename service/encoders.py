@@ -34,6 +34,21 @@ def choose_providers(preference: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def choose_precision(card: dict, preference: str, provider: str) -> str:
+    """fp16 on CUDA when the model ships the variant ('auto'); fp16 or fp32 when named.
+
+    Asking for fp16 of a model exported without it is a configuration error, said at start-up,
+    rather than a silent fall back to fp32."""
+    has_fp16 = "image_fp16" in card["files"] and "text_fp16" in card["files"]
+    if preference == "fp16" and not has_fp16:
+        raise ValueError(
+            f"precision fp16 asked, but {card['name']} has no fp16 variant: re-export it with `emkum export`"
+        )
+    if preference == "auto":
+        return "fp16" if has_fp16 and provider == "CUDAExecutionProvider" else "fp32"
+    return preference
+
+
 def open_session(path: Path, providers: list[str], threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -136,7 +151,7 @@ class Encoders:
         model_dir: Path,
         card: dict,
         providers: str = "auto",
-        fp16: bool = False,
+        precision: str = "fp32",
         threads: int = 0,
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
@@ -144,10 +159,9 @@ class Encoders:
     ) -> None:
         self.card = card
         self.providers = choose_providers(providers)
-        files = card["files"]
-        image_file, text_file = files["image"], files["text"]
-        if fp16 and "image_fp16" in files and self.providers[0] == "CUDAExecutionProvider":
-            image_file, text_file = files["image_fp16"], files["text_fp16"]
+        self.precision = choose_precision(card, precision, self.providers[0])
+        suffix = "_fp16" if self.precision == "fp16" else ""
+        image_file, text_file = card["files"][f"image{suffix}"], card["files"][f"text{suffix}"]
         self.image_session = open_session(model_dir / image_file, self.providers, threads)
         self.text_session = open_session(model_dir / text_file, self.providers, threads)
         self.provider = self.image_session.get_providers()[0]

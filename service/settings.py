@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None  # guards the write endpoints when set
 
     providers: Literal["auto", "cpu", "cuda"] = "auto"
-    fp16: bool = False  # use image.fp16.onnx / text.fp16.onnx when present (GPU)
+    # auto: the fp16 graphs (image.fp16.onnx, text.fp16.onnx) on CUDA when the model has them
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default
 
     max_batch: int = Field(32, ge=1, le=1024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -29,11 +30,11 @@ def test_parity_check_refuses_a_model_that_disagrees(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "m.safetensors", model, InitRecipe(), seed=0)
     original = export_mod._export_graphs
 
-    def sabotaged(model, folder):
+    def sabotaged(model, folder, suffix=""):
         noise = torch.randn_like(model.vision.blocks[0].mlp.fc1.weight)
         with torch.no_grad():
             model.vision.blocks[0].mlp.fc1.weight.add_(noise)  # the graph now differs from torch
-        original(model, folder)
+        original(model, folder, suffix)
         with torch.no_grad():
             model.vision.blocks[0].mlp.fc1.weight.sub_(noise)
 
@@ -41,6 +42,46 @@ def test_parity_check_refuses_a_model_that_disagrees(tmp_path, monkeypatch):
     with pytest.raises(export_mod.ExportMismatch, match="image"):
         export_mod.export(tmp_path / "m.safetensors", tmp_path / "out")
     assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_fp16_variant_is_half_precision_inside_and_fp32_outside(tiny_model_dir):
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    assert card["files"]["image_fp16"] == "image.fp16.onnx" and card["files"]["text_fp16"] == "text.fp16.onnx"
+    errors = card["export"]["parity_relative_error_fp16"]
+    assert set(errors) == set(card["export"]["parity_relative_error"])
+    assert all(err < export_mod.FP16_TOLERANCE for err in errors.values())
+    for name in ("image", "text"):
+        graph = onnx.load(str(tiny_model_dir / f"{name}.fp16.onnx")).graph
+        weights = [t for t in graph.initializer if len(t.dims) == 2]  # the Linear weights
+        assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+        assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in graph.output)
+    pixels = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    full, half = (
+        ort.InferenceSession(str(tiny_model_dir / f), providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})
+        for f in ("image.onnx", "image.fp16.onnx")
+    )
+    assert half[0].dtype == np.float32
+    np.testing.assert_allclose(half[0], full[0], atol=5e-3)
+    assert not np.array_equal(half[0], full[0])  # really a different (half-precision) computation
+
+
+def test_fp16_parity_is_checked_too(tmp_path, monkeypatch):
+    model = build_model(load_config("emkum-tiny"), InitRecipe(), seed=0)
+    save_checkpoint(tmp_path / "m.safetensors", model, InitRecipe(), seed=0)
+    original = export_mod._export_graphs
+
+    def sabotage_fp16_only(model, folder, suffix=""):
+        if suffix:
+            with torch.no_grad():
+                model.text.token_embed.weight.mul_(-1)
+        original(model, folder, suffix)
+
+    monkeypatch.setattr(export_mod, "_export_graphs", sabotage_fp16_only)
+    with pytest.raises(export_mod.ExportMismatch, match=r"text\.fp16\.onnx"):
+        export_mod.export(tmp_path / "m.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    card = export_mod.export(tmp_path / "m.safetensors", tmp_path / "plain", fp16=False)
+    assert "image_fp16" not in card["files"] and not (tmp_path / "plain" / "image.fp16.onnx").exists()
 
 
 def test_partial_checkpoint_replays_init(tmp_path):

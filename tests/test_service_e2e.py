@@ -58,6 +58,7 @@ def test_health_ready_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["provider"] == "CPUExecutionProvider"
+    assert ready["precision"] == "fp32"  # 'auto' takes the fp16 graphs on CUDA only
     assert ready["model"] == "emkum-tiny"
     assert client.get("/docs").status_code == 200
     assert "/search/text" in client.get("/openapi.json").json()["paths"]

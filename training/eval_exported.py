@@ -23,10 +23,16 @@ from training.metrics import i2t_recall, summarise, t2i_recall
 
 
 def evaluate_exported(
-    model_dir: Path, data_spec: str, candidates: int = 20, batch: int = 32, limit: int | None = None
+    model_dir: Path,
+    data_spec: str,
+    candidates: int = 20,
+    batch: int = 32,
+    limit: int | None = None,
+    providers: str = "auto",
+    precision: str = "fp32",
 ) -> dict:
     card = load_model_card(model_dir)
-    encoders = Encoders(model_dir, card, max_batch=batch)
+    encoders = Encoders(model_dir, card, providers=providers, precision=precision, max_batch=batch)
     tokenizer = TextTokenizer(model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
     pairs = read_spec(data_spec)[:limit]
     spec = card["image"]
@@ -82,6 +88,7 @@ def evaluate_exported(
                 ]
             )
             out[mode] = summarise(i2t_recall(i2t, caption_image), t2i_recall(t2i, caption_image))
+    out["provider"], out["precision"] = encoders.provider, encoders.precision
     out["candidates"] = candidates
     out["cls_weight"] = weight
     out["images"], out["captions"] = len(images), len(texts)

@@ -22,6 +22,7 @@ def readyz(request: Request) -> JSONResponse:
         body.update(
             model=state.card["name"],
             provider=state.encoders.provider,
+            precision=state.encoders.precision,
             items=len(state.store),
             index_on_gpu=state.store.gpu,
             cls_factory=state.settings.cls_factory,

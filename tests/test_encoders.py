@@ -1,0 +1,43 @@
+"""Which graphs the service runs: fp32 or the fp16 variant, chosen from the provider and settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.encoders import Encoders, choose_precision
+
+
+def test_precision_choice():
+    card = {"name": "m", "files": {"image": "i", "text": "t", "image_fp16": "i16", "text_fp16": "t16"}}
+    assert choose_precision(card, "auto", "CUDAExecutionProvider") == "fp16"
+    assert choose_precision(card, "auto", "CPUExecutionProvider") == "fp32"
+    assert choose_precision(card, "fp32", "CUDAExecutionProvider") == "fp32"
+    assert choose_precision(card, "fp16", "CPUExecutionProvider") == "fp16"
+    plain = {"name": "m", "files": {"image": "i", "text": "t"}}
+    assert choose_precision(plain, "auto", "CUDAExecutionProvider") == "fp32"
+    with pytest.raises(ValueError, match="no fp16 variant"):
+        choose_precision(plain, "fp16", "CUDAExecutionProvider")
+
+
+def test_fp16_encoders_agree_with_fp32(tiny_model_dir):
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    rng = np.random.default_rng(1)
+    pixels = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(3)]
+    ids = np.array([101, 2000, 3000, 4000, 102])
+    results = {}
+    for precision in ("fp32", "fp16"):
+        enc = Encoders(tiny_model_dir, card, providers="cpu", precision=precision)
+        try:
+            assert enc.precision == precision
+            results[precision] = (enc.embed_images_now(pixels), enc.embed_tokens_now([(ids, np.ones(5, np.int64))]))
+        finally:
+            enc.close()
+    (img32, txt32), (img16, txt16) = results["fp32"], results["fp16"]
+    for a, b in zip(img32, img16, strict=True):
+        assert float(a.cls @ b.cls) > 0.999 and not np.array_equal(a.cls, b.cls)
+        np.testing.assert_allclose(b.patches, a.patches, atol=5e-3)
+    assert float(txt32[0].cls @ txt16[0].cls) > 0.999
+    np.testing.assert_array_equal(txt32[0].mask, txt16[0].mask)
