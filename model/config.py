@@ -24,6 +24,8 @@ class VisionConfig:
     layer_scale_init: float | None = 1.0  # DINOv2 blocks carry LayerScale; None = plain ViT block
     final_norm: bool = True
     norm_eps: float = 1e-6
+    # BEiT's learned relative position bias in attention: one table per block, or one for all
+    rel_pos_bias: Literal["none", "per_layer", "shared"] = "none"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

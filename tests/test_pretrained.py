@@ -8,6 +8,7 @@ import torch
 
 from model import load_config
 from model import pretrained as P
+from model.config import VisionConfig
 from model.encoders import TextTransformer, VisionTransformer
 
 pytestmark = pytest.mark.e2e
@@ -74,8 +75,6 @@ def test_local_hf_vision_folder_matches_transformers(tmp_path, kind):
     our tower and computes what transformers computes."""
     from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
 
-    from model.config import VisionConfig
-
     torch.manual_seed(0)
     common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
     if kind == "vit":
@@ -92,3 +91,70 @@ def test_local_hf_vision_folder_matches_transformers(tmp_path, kind):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", ["per_layer", "shared"])
+def test_local_beit_folder_matches_transformers(tmp_path, bias):
+    """BEiT: no key bias, LayerScale as lambda_1/2, relative position bias per layer or shared, no
+    absolute positions, mean pooling (no final norm). The config is read from the folder itself."""
+    from transformers import BeitConfig, BeitModel
+
+    torch.manual_seed(0)
+    hf = BeitModel(
+        BeitConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            layer_scale_init_value=0.3,
+            use_relative_position_bias=bias == "per_layer",
+            use_shared_relative_position_bias=bias == "shared",
+        )
+    ).eval()
+    with torch.no_grad():  # BEiT initialises the tables at zero: make them matter
+        for name, param in hf.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.normal_(std=1.0)
+    hf.save_pretrained(tmp_path)
+    cfg = P.vision_config_from_hf(tmp_path)
+    assert cfg.rel_pos_bias == bias and not cfg.final_norm and cfg.layer_scale_init is not None
+    ours = VisionTransformer(cfg).eval()
+    P.load_hf_vision(ours, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-4)
+        ours.rel_pos[0].table.zero_()  # the bias really is used
+        assert not torch.allclose(ours(x), expected, atol=1e-3)
+
+    from training.teacher import build_teacher
+
+    (tmp_path / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    teacher = build_teacher(str(tmp_path))  # a BEiT teacher, as the thesis distils from BEiTv2
+    images = torch.rand(2, 3, 32, 32)
+    glob, patches = teacher(images)
+    with torch.no_grad():
+        expected = hf(pixel_values=(images - 0.5) / 0.5).last_hidden_state
+    assert teacher.dim == 32 and patches.shape == (2, 16, 32)
+    torch.testing.assert_close(glob, expected[:, 0], atol=1e-5, rtol=1e-4)
+    assert teacher(torch.rand(1, 3, 64, 64))[1].shape == (1, 16, 32)  # other sizes: resized to its own
+
+    bigger = VisionTransformer(P.vision_config_from_hf(tmp_path, image_size=48)).eval()  # 6x6 grid, table resized
+    P.load_hf_vision(bigger, tmp_path)
+    with torch.no_grad():
+        assert bigger(torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
+    wrong = VisionTransformer(VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=4))
+    with pytest.raises(ValueError, match="rel_pos_bias"):
+        P.load_hf_vision(wrong, tmp_path)
+
+
+def test_relative_position_index_matches_transformers():
+    from transformers.models.beit.modeling_beit import BeitRelativePositionBias
+
+    from model.layers import relative_position_index
+
+    for grid in (2, 5):
+        theirs = BeitRelativePositionBias.generate_relative_position_index((grid, grid))
+        torch.testing.assert_close(relative_position_index(grid), theirs.long())

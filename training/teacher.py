@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.augment import normalize
@@ -72,27 +73,15 @@ def convert_lukemelas_state(weights: Path | None = None) -> dict[str, torch.Tens
 
 
 class VisionTransformerTeacher(Teacher):
-    """A local ViT/DeiT/DINOv2 folder (for example BEiTv2-like checkpoints users bring), loaded into
-    our own ViT: CLS output as the global target, patch outputs as patch targets."""
+    """A local ViT/DeiT/BEiT/DINOv2 folder (the thesis distils from BEiTv2), loaded into our own ViT
+    with the checkpoint's own shape: CLS output as the global target, patch outputs as patch targets."""
 
-    def __init__(self, folder: Path, image_size: int = 224, patch_size: int = 16, depth: int = 12) -> None:
+    def __init__(self, folder: Path, image_size: int | None = None) -> None:
         super().__init__()
-        import json
-
-        from model.config import VisionConfig
         from model.encoders import VisionTransformer
-        from model.pretrained import load_hf_vision
+        from model.pretrained import load_hf_vision, vision_config_from_hf
 
-        hf = json.loads((Path(folder) / "config.json").read_text())
-        cfg = VisionConfig(
-            image_size=image_size,
-            patch_size=hf.get("patch_size", patch_size),
-            width=hf["hidden_size"],
-            depth=hf.get("num_hidden_layers", depth),
-            heads=hf["num_attention_heads"],
-            layer_scale_init=1.0 if hf.get("model_type") == "dinov2" else None,
-            norm_eps=hf.get("layer_norm_eps", 1e-6),
-        )
+        cfg = vision_config_from_hf(Path(folder), image_size=image_size)
         self.cfg = cfg
         self.dim = cfg.width
         self.net = VisionTransformer(cfg)
@@ -101,6 +90,9 @@ class VisionTransformerTeacher(Teacher):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.cfg.image_size  # the checkpoint's own resolution unless one was given
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         out = self.net(normalize(images, self.cfg.mean, self.cfg.std))
         return out[:, 0], out[:, 1:]
 
@@ -122,7 +114,7 @@ class RandomConvTeacher(Teacher):
 
 
 def build_teacher(name: str | None) -> Teacher | None:
-    """`efficientnet-lite0[:PTH]`, `random:DIM` (tests) or a local ViT/DINOv2 folder."""
+    """`efficientnet-lite0[:PTH]`, `random:DIM` (tests) or a local ViT/DeiT/BEiT/DINOv2 folder."""
     if not name or name == "none":
         return None
     if name == "efficientnet-lite0":
