@@ -77,9 +77,12 @@ def main() -> None:
     graph = ImageGraph(model).eval()
     if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, when present
         ort.preload_dlls()
-    sessions = {"onnxruntime-cpu": ["CPUExecutionProvider"]}
+    graphs = {"fp32": args.model_dir / "image.onnx", "fp16": args.model_dir / "image.fp16.onnx"}
+    sessions = {"onnxruntime-cpu": (["CPUExecutionProvider"], graphs["fp32"])}
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        sessions["onnxruntime-cuda"] = ["CUDAExecutionProvider"]
+        sessions["onnxruntime-cuda"] = (["CUDAExecutionProvider"], graphs["fp32"])
+        if graphs["fp16"].is_file():  # what the service runs on CUDA (EMKUM_PRECISION=auto)
+            sessions["onnxruntime-cuda-fp16"] = (["CUDAExecutionProvider"], graphs["fp16"])
     for batch in args.batches:
         x = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
         reps = 3 if (batch > 8 and not gpu) else 10
@@ -94,8 +97,8 @@ def main() -> None:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     rows.append(("torch-eager-cuda-bf16", timed(lambda g=g, xg=xg: g(xg), 20)))
                 graph.to("cpu")
-        for name, providers in sessions.items():
-            session = ort.InferenceSession(str(args.model_dir / "image.onnx"), providers=providers)
+        for name, (providers, path) in sessions.items():
+            session = ort.InferenceSession(str(path), providers=providers)
             rows.append((name, timed(lambda s=session, x=x: s.run(None, {"pixels": x}), reps if "cpu" in name else 20)))
         for name, seconds in rows:
             row = {
