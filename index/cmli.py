@@ -29,12 +29,36 @@ def rerank_cmli(
     each query token matched best [K, M]."""
     words = query_tokens[query_mask.astype(bool)].astype(np.float32)
     k, n, d = candidates.shape
-    if len(words) == 0:
-        return np.zeros(k, dtype=np.float32), np.zeros((k, len(query_mask)), dtype=np.int64)
     sim = (candidates.reshape(k * n, d) @ words.T).reshape(k, n, -1)  # [K, N, M']
+    return cmli_from_similarities(sim, query_mask, valid)
+
+
+def split_similarities(flat: np.ndarray, counts: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """[sum(counts), M'] similarities of the candidates' vectors, laid end to end, -> [K, Nmax, M']
+    and a validity mask (None when every candidate has the same number of vectors)."""
+    if len(set(counts)) == 1:
+        return flat.reshape(len(counts), counts[0], -1), None
+    sim = np.full((len(counts), max(counts), flat.shape[1]), -np.inf, dtype=np.float32)
+    valid = np.zeros(sim.shape[:2], dtype=bool)
+    for i, (part, n) in enumerate(zip(np.split(flat, np.cumsum(counts)[:-1]), counts, strict=True)):
+        sim[i, :n], valid[i, :n] = part, True
+    return sim, valid
+
+
+def cmli_from_similarities(
+    sim: np.ndarray, query_mask: np.ndarray, valid: np.ndarray | None = None, with_matches: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """sim [K, N, M'] (each candidate vector against each query word) -> CMLI [K], best vector [K, M]
+    (None unless `with_matches`: the argmax is a second pass that only `explain` reads)."""
+    k = sim.shape[0]
+    words = query_mask.astype(bool)
+    if not words.any():
+        return np.zeros(k, dtype=np.float32), np.zeros((k, len(query_mask)), dtype=np.int64)
     if valid is not None:
         sim = np.where(valid[:, :, None], sim, -np.inf)
     best = sim.max(axis=1)  # [K, M']
+    if not with_matches:
+        return best.mean(axis=1).astype(np.float32), None
     best_idx = np.zeros((k, len(query_mask)), dtype=np.int64)
-    best_idx[:, query_mask.astype(bool)] = sim.argmax(axis=1)
+    best_idx[:, words] = sim.argmax(axis=1)
     return best.mean(axis=1).astype(np.float32), best_idx

@@ -3,7 +3,16 @@
 - "SQfp16": exact to fp16, 2 bytes per dimension (512 B per 256-d vector).
 - "SQ8": 8-bit scalar quantiser, 1 byte per dimension.
 - "PQ32x8" etc.: product quantiser, one byte per sub-vector (32 B per vector at PQ32).
-The caller never branches on the codec: it encodes, stores bytes, decodes only rerank candidates."""
+The caller never branches on the codec: it encodes, stores bytes, and scores rerank candidates with
+`inner_products`, which for the scalar quantisers works on the codes themselves.
+
+Why `inner_products` exists: CMLI needs every query word against every candidate vector, and
+materialising the decoded fp32 vectors of 100 candidates (26 MB at 256 x 256-d) cost more than the
+rerank's arithmetic. An SQ8/SQ4 code decodes per dimension as vmin + (c + 0.5) / levels * vdiff, so
+q . x = sum_d c_d * (q_d * vdiff_d / levels) + q . (vmin + 0.5 * vdiff / levels): the affine part
+folds into the query once, and the codes only need a cast to float before one matrix product.
+FAISS's own code-domain distance computers work one vector at a time, which from Python is slower.
+(benchmarks/results/rerank_micro.json has the timings.)"""
 
 from __future__ import annotations
 
@@ -33,12 +42,51 @@ class PatchCodec:
 
     def train(self, sample: np.ndarray) -> None:
         self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self.__dict__.pop("_affine_cache", None)
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         return self.index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8))
+
+    def inner_products(self, codes: np.ndarray, queries: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """codes [T, code_size] -> [T, M]: the inner product of each decoded vector with each of the
+        queries [M, d], equal to `decode(codes) @ queries.T` up to float rounding."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        affine = self._affine()
+        if affine is None:  # one decode call: FAISS's sa_decode costs milliseconds per call on its own
+            return self.decode(codes) @ queries.T
+        out = np.empty((len(codes), len(queries)), dtype=np.float32)
+        levels, vmin, vdiff = affine
+        weights = (vdiff / levels)[:, None] * queries.T  # [d, M]
+        offset = queries @ (vmin + 0.5 * vdiff / levels)  # [M]
+        for s in range(0, len(codes), chunk):  # chunks keep the float copy of the codes in cache
+            part = codes[s : s + chunk]
+            if levels == 255:
+                out[s : s + chunk] = part.astype(np.float32) @ weights + offset
+            else:  # 4 bits: even dimensions in the low nibble, odd ones in the high nibble
+                low = (part & 0x0F).astype(np.float32)
+                high = (part >> 4).astype(np.float32)
+                out[s : s + chunk] = low @ weights[0::2] + high @ weights[1::2] + offset
+        return out
+
+    def _affine(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """(levels, vmin [d], vdiff [d]) for a trained 8- or 4-bit scalar quantiser, else None."""
+        if not hasattr(self, "_affine_cache"):
+            self._affine_cache = None
+            index = faiss.downcast_index(self.index)
+            if isinstance(index, faiss.IndexScalarQuantizer) and self.is_trained:
+                sq = index.sq
+                qt = faiss.ScalarQuantizer
+                levels = {qt.QT_8bit: 255, qt.QT_8bit_uniform: 255, qt.QT_4bit: 15, qt.QT_4bit_uniform: 15}
+                if sq.qtype in levels:
+                    trained = faiss.vector_to_array(sq.trained).astype(np.float32)
+                    half = len(trained) // 2
+                    vmin = np.broadcast_to(trained[:half], (self.dim,)).astype(np.float32)
+                    vdiff = np.broadcast_to(trained[half:], (self.dim,)).astype(np.float32)
+                    self._affine_cache = (levels[sq.qtype], vmin, vdiff)
+        return self._affine_cache
 
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self.index).tobytes()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from index import VectorStore
+from index import VectorStore, one_thread_per_search
 from service import metrics
 from service.deps import AppState
 from service.encoders import Encoders
@@ -27,7 +29,16 @@ def load_state(state: AppState) -> None:
     s = state.settings
     card = load_model_card(s.model_dir)
     encoders = Encoders(
-        s.model_dir, card, s.providers, s.precision, s.intra_op_threads, s.max_batch, s.max_wait_ms, s.queue_size
+        s.model_dir,
+        card,
+        s.providers,
+        s.precision,
+        s.intra_op_threads,
+        s.ort_spinning,
+        s.max_batch,
+        s.max_wait_ms,
+        s.queue_size,
+        company=lambda: state.active_requests > 1,
     )
     store = VectorStore(
         s.data_dir,
@@ -42,7 +53,12 @@ def load_state(state: AppState) -> None:
     )
     state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
     state.thumbs = Path(s.data_dir) / "thumbnails"
-    state.thumbs.mkdir(parents=True, exist_ok=True)
+    if store.read_only:
+        log.warning("data directory %s is read-only: serving its %d items, refusing writes", s.data_dir, len(store))
+    else:
+        state.thumbs.mkdir(parents=True, exist_ok=True)
+    threads = s.search_threads or len(os.sched_getaffinity(0))
+    state.search_pool = ThreadPoolExecutor(threads, thread_name_prefix="search", initializer=one_thread_per_search)
     state.card, state.encoders, state.store = card, encoders, store
     metrics.ITEMS.set(len(store))
     metrics.MODEL.info(
@@ -73,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if state.encoders:
             state.encoders.close()
+        if state.search_pool:
+            state.search_pool.shutdown(wait=True)
         if state.store:
             state.store.close()
 
@@ -96,7 +114,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if length and length.isdigit() and int(length) > body_limit:
             return error_response(413, "request_too_large", f"request body of {length} bytes, limit {body_limit}")
         start = time.perf_counter()
-        response = await call_next(request)
+        state.active_requests += 1
+        try:
+            response = await call_next(request)
+        finally:
+            state.active_requests -= 1
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()

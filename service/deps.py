@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ class AppState:
     tokenizer: TextTokenizer | None = None
     thumbs: Path | None = None
     load_error: str | None = None
+    search_pool: ThreadPoolExecutor | None = None  # searches run here, one core each
+    active_requests: int = 0  # HTTP requests being served (the batchers wait for company only if > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     # auto: the fp16 graphs (image.fp16.onnx, text.fp16.onnx) on CUDA when the model has them
     precision: Literal["auto", "fp32", "fp16"] = "auto"
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default
+    ort_spinning: bool = False  # ONNX Runtime threads busy-wait between calls (faster alone, slower beside FAISS)
 
     max_batch: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0)
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     max_k: int = 1000
     max_candidates: int = 10000
 
+    search_threads: int = Field(0, ge=0)  # concurrent searches, one core each; 0 = the cores available
     cls_factory: str = "Flat"
     patch_codec: str = "SQfp16"
     patch_pool: int = Field(1, ge=1)  # 2: average 2x2 patch cells (4x less memory and rerank work)

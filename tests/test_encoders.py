@@ -41,3 +41,34 @@ def test_fp16_encoders_agree_with_fp32(tiny_model_dir):
         np.testing.assert_allclose(b.patches, a.patches, atol=5e-3)
     assert float(txt32[0].cls @ txt16[0].cls) > 0.999
     np.testing.assert_array_equal(txt32[0].mask, txt16[0].mask)
+
+
+@pytest.mark.parametrize("company", [True, False])
+def test_batcher_waits_for_company_only_when_there_is_some(company):
+    """With other requests in progress a lone input waits (up to max_wait) for more to batch with;
+    with none, it runs at once: B, sent while A would still be waiting, lands in A's batch only
+    in the first case."""
+    import threading
+    import time
+
+    from service.encoders import MicroBatcher
+
+    batches: list[list[str]] = []
+    started = threading.Event()
+
+    def run(items: list[str]) -> list[str]:
+        batches.append(items)
+        started.set()
+        return items
+
+    batcher = MicroBatcher("t", run, max_batch=8, max_wait_ms=1500, queue_size=8, company=lambda: company)
+    try:
+        a = batcher.submit("a")
+        if not company:
+            assert started.wait(10)  # alone: A runs without waiting out max_wait
+        time.sleep(0.1)
+        b = batcher.submit("b")  # with company, A is still waiting (1.5 s) and B joins it
+        assert (a.result(10), b.result(10)) == ("a", "b")
+    finally:
+        batcher.close()
+    assert batches == ([["a", "b"]] if company else [["a"], ["b"]])

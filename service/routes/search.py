@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from service import metrics
 from service.deps import AppState, get_state
@@ -30,9 +31,10 @@ def _ms(seconds: float) -> float:
 async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, explain, timings, words=None):
     found: dict[str, float] = {}
     cls_weight = float(state.card.get("rerank", {}).get("cls_weight", 0.5))
-    hits = await run_in_threadpool(
+    search = functools.partial(
         state.store.search, q_cls, q_tok, q_mask, k, candidates, rerank, explain, cls_weight, found
     )
+    hits = await asyncio.get_running_loop().run_in_executor(state.search_pool, search)
     for stage, seconds in found.items():
         metrics.STAGE_LATENCY.labels(stage).observe(seconds)
         timings[stage] = _ms(seconds)
