@@ -38,8 +38,15 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(
-    model_dir: Path, data_dir: Path, log_dir: Path, preexec=None, quiet: bool = False, **settings: str
+    model_dir: Path,
+    data_dir: Path,
+    log_dir: Path,
+    preexec=None,
+    quiet: bool = False,
+    wrap: list[str] | None = None,
+    **settings: str,
 ) -> Iterator[Server]:
+    """`wrap` prefixes the server's command line (for example to run it in its own mount namespace)."""
     port = free_port()
     env = {
         **os.environ,
@@ -53,7 +60,7 @@ def running_server(
     with open(log, "w") as out:
         sink = subprocess.DEVNULL if quiet else out
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
+            [*(wrap or []), sys.executable, "-m", "service.cli", "serve"],
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,

@@ -1,13 +1,16 @@
-"""Faults: a full disk refuses writes with a clear error and keeps search serving; a bounded soak of
-mixed indexing and search stays clean; the API key comparison is constant-time."""
+"""Faults: a full disk or a read-only data directory refuses writes with a clear error and keeps search
+serving; a bounded soak of mixed indexing and search stays clean; the API key comparison is
+constant-time."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import random
 import resource
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -58,6 +61,44 @@ def test_full_disk_refuses_writes_and_keeps_serving(tiny_model_dir, tmp_path):
         present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
         assert set(acked) <= present
         assert c.post("/items", files=[("files", ("y.jpg", jpeg(12345, 64), "image/jpeg"))]).status_code == 200
+
+
+def read_only_view(data: Path) -> tuple[list[str] | None, callable]:
+    """How to show the server `data` read-only: as root (which ignores file permissions), a read-only
+    bind mount in the server's own mount namespace, as a `:ro` volume is; otherwise permissions."""
+    if os.geteuid() == 0:
+        mount = f'mount --bind {data} {data} && mount -o remount,bind,ro {data} && exec "$@"'
+        return ["unshare", "--mount", "sh", "-c", mount, "sh"], lambda: None
+    modes = {p: p.stat().st_mode for p in [data, *data.rglob("*")]}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    return None, lambda: [p.chmod(mode) for p, mode in modes.items()]
+
+
+def test_read_only_data_directory_serves_search_and_refuses_writes(tiny_model_dir, tmp_path):
+    data = tmp_path / "d"
+    with running_server(tiny_model_dir, data, tmp_path) as srv, srv.client() as c:
+        for i in range(3):
+            r = c.post("/items", files=[("files", (f"{i}.jpg", jpeg(i, 64), "image/jpeg"))], data={"ids": [f"i{i}"]})
+            assert r.status_code == 200
+    wrap, restore = read_only_view(data)
+    try:
+        with running_server(tiny_model_dir, data, tmp_path, wrap=wrap) as srv, srv.client() as c:
+            ready = c.get("/readyz").json()
+            assert ready["read_only"] is True and ready["items"] == 3
+            hits = c.post("/search/text", json={"query": "a photo", "k": 3}).json()["results"]
+            assert {h["id"] for h in hits} == {"i0", "i1", "i2"}
+            r = c.post("/items", files=[("files", ("x.jpg", jpeg(9, 64), "image/jpeg"))])
+            assert r.status_code == 507 and r.json()["error"]["code"] == "storage_unavailable"
+            assert "read-only" in r.json()["error"]["message"] and "search still works" in r.json()["error"]["message"]
+            assert c.delete("/items/i0").status_code == 507
+            assert c.get("/items/i0").status_code == 200  # nothing was lost
+            assert c.post("/search/text", json={"query": "a photo"}).status_code == 200  # still serving
+    finally:
+        restore()
+    with running_server(tiny_model_dir, data, tmp_path) as srv, srv.client() as c:  # writable again
+        assert c.get("/readyz").json()["read_only"] is False
+        assert c.delete("/items/i0").status_code == 200 and len(c.get("/items").json()["items"]) == 2
 
 
 def rss_kib(pid: int) -> int:

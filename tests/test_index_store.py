@@ -125,7 +125,7 @@ def test_rerank_numpy_handles_padding(rng):
 @pytest.mark.parametrize(("codec", "max_bytes", "min_overlap"), [("SQfp16", 2 * D * 12, 1.0), ("SQ8", D * 12, 0.9)])
 def test_codecs_size_and_rerank_quality(tmp_path, rng, codec, max_bytes, min_overlap):
     exact = VectorStore(tmp_path / "exact", cfg(patch_codec="SQfp16"))
-    coded = VectorStore(tmp_path / codec, cfg(patch_codec=codec))
+    coded = VectorStore(tmp_path / codec, cfg(patch_codec=codec, codec_training_vectors=500))
     items = [item(rng, f"i{n}") for n in range(60)]
     exact.add(items)
     coded.add(items)
@@ -139,13 +139,62 @@ def test_codecs_size_and_rerank_quality(tmp_path, rng, codec, max_bytes, min_ove
     assert np.mean(overlaps) >= min_overlap
 
 
-def test_pq_codec_needs_training_data(tmp_path, rng):
-    store = VectorStore(tmp_path, StoreConfig(dim=D, model="m", patch_codec="PQ4x8"))
+@pytest.mark.parametrize(("codec", "on_codes"), [("SQ8", True), ("SQ4", True), ("SQfp16", False), ("PQ4x8", False)])
+def test_rerank_scores_on_codes_equal_scores_on_decoded_vectors(tmp_path, rng, codec, on_codes):
+    """SQ8/SQ4 score candidates on their codes (the decode folded into the query): the result must be
+    what decoding first gives, after a restart too (the codec read back from the database)."""
+    store = VectorStore(tmp_path, cfg(patch_codec=codec, codec_training_vectors=100))
+    if codec.startswith("PQ"):
+        store.train_codec(unit(rng.normal(size=(10000, D))))
+    items = [item(rng, f"i{n}", n=int(rng.integers(3, 20))) for n in range(30)]
+    store.add(items)
+    store.close()
+    store = VectorStore(tmp_path, cfg(patch_codec=codec))
+    assert store.codec.is_trained
+    assert (store.codec._affine() is not None) == on_codes
+    words = unit(rng.normal(size=(5, D)))
+    codes = np.concatenate([store.codec.encode(it.vectors) for it in items])
+    np.testing.assert_allclose(store.codec.inner_products(codes, words), store.codec.decode(codes) @ words.T, atol=1e-5)
+    mask = np.array([1, 1, 0, 1, 1])
+    hits = store.search(unit(rng.normal(size=D)), words, mask, k=30, candidates=30, cls_weight=0.0)
+    for h in hits:
+        assert h.cmli_score == pytest.approx(cmli_t2i_loop(words, mask, store.vectors(h.id)), abs=1e-5)
+
+
+@pytest.mark.parametrize(("codec", "need", "per_item"), [("SQ8", 240, 12), ("PQ4x8", 10_000, 40)])
+def test_codec_trains_once_enough_vectors_are_stored(tmp_path, rng, codec, need, per_item):
+    """Items added one by one are kept in fp16 until the codec has enough vectors to learn from (PQ's
+    k-means: 39 x 256); then it trains on all of them and every row is re-encoded, durably."""
+    store = VectorStore(tmp_path, cfg(patch_codec=codec, codec_training_vectors=need))
+    items = [item(rng, f"i{n}", n=per_item) for n in range(need // per_item)]
+    q, t, mask = unit(rng.normal(size=D)), unit(rng.normal(size=(5, D))), np.ones(5)
+    for it in items[:-1]:
+        store.add([it])
+    assert not store.codec.is_trained and store.bytes_per_item() == per_item * D * 2  # fp16 rows
+    originals = {it.id: it.vectors for it in items}
+    for h in store.search(q, t, mask, k=10, candidates=len(items), cls_weight=0.0):
+        assert h.cmli_score == pytest.approx(cmli_t2i_loop(t, mask, originals[h.id]), abs=2e-3)
+    store.add([items[-1]])
+    assert store.codec.is_trained and store.bytes_per_item() == per_item * store.codec.code_size < per_item * D * 2
+    hits = store.search(q, t, mask, k=10, candidates=len(items), cls_weight=0.0)
+    for h in hits:
+        assert h.cmli_score == pytest.approx(cmli_t2i_loop(t, mask, store.vectors(h.id)), abs=1e-5)
+    store.close()
+    reopened = VectorStore(tmp_path, cfg(patch_codec=codec))
+    assert reopened.codec.is_trained and len(reopened) == len(items)
+    again = reopened.search(q, t, mask, k=10, candidates=len(items), cls_weight=0.0)
+    assert [(h.id, h.cmli_score) for h in again] == [(h.id, h.cmli_score) for h in hits]
+
+
+def test_codec_can_be_trained_early_and_only_once(tmp_path, rng):
+    store = VectorStore(tmp_path, cfg(patch_codec="SQ8"))
+    store.add([item(rng, "a"), item(rng, "b")])
+    store.train_codec()  # on the 24 vectors stored so far, instead of waiting for 65,536
+    assert store.codec.is_trained and store.bytes_per_item() == 12 * D
+    with pytest.raises(ValueError, match="already trained"):
+        store.train_codec()
     with pytest.raises(ValueError, match="needs 9984 vectors"):
-        store.add([item(rng, "a")])
-    store.train_codec(unit(rng.normal(size=(10000, D))))
-    store.add([item(rng, "a")])
-    assert store.bytes_per_item() == 12 * 4
+        VectorStore(tmp_path / "pq", cfg(patch_codec="PQ4x8")).train_codec(unit(rng.normal(size=(100, D))))
 
 
 def test_mismatched_model_or_dim_is_refused(tmp_path, rng):

@@ -25,6 +25,7 @@ def readyz(request: Request) -> JSONResponse:
             precision=state.encoders.precision,
             items=len(state.store),
             index_on_gpu=state.store.gpu,
+            read_only=state.store.read_only,
             cls_factory=state.settings.cls_factory,
             patch_codec=state.settings.patch_codec,
         )

@@ -43,6 +43,7 @@ async def add_items(
 ) -> dict:
     """Index images. Answers only after the writes are durable; a bad file fails the whole request
     and nothing from it is written."""
+    state.store.check_writable()  # a read-only data directory refuses before any work is done
     if len(files) > state.settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
     if ids is not None and len(ids) != len(files):
@@ -100,6 +101,7 @@ def get_item(item_id: str, state: AppState = Depends(get_state)) -> dict:
 
 @router.delete("/items/{item_id:path}", dependencies=[Depends(require_api_key)])
 async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> dict:
+    state.store.check_writable()
     await run_in_threadpool(state.store.delete, item_id)
     metrics.ITEMS.set(len(state.store))
     return {"id": item_id, "status": "deleted"}
