@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,20 @@ CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TE
 """
 
 
+DEFAULT_PATCH_CODEC = "SQ8"
+
+
 @dataclass
 class StoreConfig:
     dim: int
     model: str
     cls_factory: str = "Flat"  # FAISS factory for the CLS index: Flat, HNSW32, IVF1024,Flat, ...
-    patch_codec: str = "SQfp16"  # SQfp16 (exact to fp16), SQ8, PQ32x8, ...
+    # SQ8 (default: 0.998 of the exact top 10 at half SQfp16's bytes), SQfp16 (exact to fp16), SQ4,
+    # PQ32x8, ... None: whatever the data directory was written with, SQ8 for a new one.
+    patch_codec: str | None = None
     use_gpu: bool = True  # move the CLS index to the GPU when this faiss build has one
     snapshot_every: int = 5000  # changes between CLS snapshots (the log covers the rest)
-    patch_pool: int = 1  # average factor x factor cells of the patch grid before storing
+    patch_pool: int | None = None  # average factor x factor grid cells before storing; None: as stored, else 1
     patch_grid: int | None = None  # the model's patch grid (model.json image.grid), needed to pool
     # A codec that learns from data (SQ8/SQ4 ranges, PQ centroids) trains once this many patch
     # vectors are stored (kept as fp16 until then, then re-encoded): trained on a first upload of
@@ -92,7 +97,7 @@ class VectorStore:
     def __init__(self, path: str | Path, config: StoreConfig) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config = config
+        self.config = replace(config)  # codec and pool are resolved against the directory below
         self.db_path = self.path / "items.sqlite"
         self.snapshot_path = self.path / "cls.faiss"
         self._lock = threading.RLock()
@@ -152,7 +157,19 @@ class VectorStore:
         return None if row is None else row[0]
 
     def _check_meta(self) -> None:
+        """Resolve the codec and pooling left open (None) to what the directory was written with, then
+        refuse a directory written for another model, dimension, codec or pooling."""
         stored = self._meta("config")
+        try:
+            theirs = json.loads(stored) if stored is not None else {}
+            if not isinstance(theirs, dict):
+                raise TypeError("not a JSON object")
+        except (ValueError, TypeError) as exc:
+            raise CorruptStoreFile(f"{self.db_path}: unreadable store config ({exc})") from exc
+        if self.config.patch_codec is None:
+            self.config.patch_codec = theirs.get("patch_codec", DEFAULT_PATCH_CODEC)
+        if self.config.patch_pool is None:
+            self.config.patch_pool = theirs.get("patch_pool", 1)
         mine = {
             "dim": self.config.dim,
             "model": self.config.model,
@@ -163,10 +180,6 @@ class VectorStore:
             self.check_writable()
             self._db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(mine),))
             return
-        try:
-            theirs = json.loads(stored)
-        except (ValueError, TypeError) as exc:
-            raise CorruptStoreFile(f"{self.db_path}: unreadable store config ({exc})") from exc
         for key, value in mine.items():
             if theirs.get(key, 1 if key == "patch_pool" else None) != value:
                 raise StoreMismatch(

@@ -69,7 +69,8 @@ def load_state(state: AppState) -> None:
             "dim": str(card["dim"]),
             "index_on_gpu": str(store.gpu).lower(),
             "cls_factory": s.cls_factory,
-            "patch_codec": s.patch_codec,
+            "patch_codec": store.config.patch_codec,
+            "patch_pool": str(store.config.patch_pool),
         }
     )
 

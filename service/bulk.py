@@ -71,7 +71,7 @@ def bulk_index(
     gpus_per_encoder: float = 0.0,
     max_bytes: int = 20 * 1024 * 1024,
     max_pixels: int = 50_000_000,
-    codec: str = "SQfp16",
+    codec: str = "SQ8",
     pool: int = 1,
 ) -> dict:
     """Index every image under `folder` into `shards` data directories under `out_dir`."""

@@ -230,7 +230,7 @@ def bulk_index_command(
     encoders: Annotated[int, typer.Option(min=1, help="encoder actors (one ONNX session each)")] = 1,
     gpus_per_encoder: Annotated[float, typer.Option(help="GPUs per encoder actor (0 = CPU)")] = 0.0,
     batch: Annotated[int, typer.Option(min=1)] = 32,
-    codec: Annotated[str, typer.Option(help="patch codec of the shards")] = "SQfp16",
+    codec: Annotated[str, typer.Option(help="patch codec of the shards")] = "SQ8",
     pool: Annotated[int, typer.Option(min=1, help="patch pooling factor of the shards")] = 1,
     address: Annotated[str | None, typer.Option(help="an existing Ray cluster (default: start a local one)")] = None,
 ) -> None:

@@ -17,7 +17,8 @@ from pydantic_settings import (
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMKUM_", extra="forbid")
+    # empty variables count as unset: compose passes `${EMKUM_X:-}` through for every knob
+    model_config = SettingsConfigDict(env_prefix="EMKUM_", extra="forbid", env_ignore_empty=True)
 
     model_dir: Path = Path("artifacts/emkum-flickr8k")
     data_dir: Path = Path("data/index")
@@ -46,8 +47,9 @@ class Settings(BaseSettings):
 
     search_threads: int = Field(0, ge=0)  # concurrent searches, one core each; 0 = the cores available
     cls_factory: str = "Flat"
-    patch_codec: str = "SQfp16"
-    patch_pool: int = Field(1, ge=1)  # 2: average 2x2 patch cells (4x less memory and rerank work)
+    # None: what the data directory was written with; for a new one SQ8 and no pooling
+    patch_codec: str | None = None  # SQ8, SQfp16 (exact to fp16), SQ4, PQ32x8, ...
+    patch_pool: int | None = Field(None, ge=1)  # 2: average 2x2 patch cells (4x less memory and rerank work)
     use_gpu_index: bool = True
     snapshot_every: int = 5000
     thumbnail_size: int = 256

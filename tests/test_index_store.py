@@ -292,3 +292,16 @@ def test_patch_pooling_averages_grid_cells_and_is_recorded(tmp_path, rng):
         VectorStore(tmp_path, cfg(patch_pool=1))
     with pytest.raises(ValueError, match="cannot pool"):
         pool_patches(vectors[:15], grid, 2)
+
+
+def test_codec_and_pooling_left_open_follow_the_directory(tmp_path, rng):
+    new = VectorStore(tmp_path / "new", cfg())
+    assert (new.config.patch_codec, new.config.patch_pool) == ("SQ8", 1)  # the defaults for a new directory
+    old = VectorStore(tmp_path / "old", cfg(patch_codec="SQfp16"))
+    old.add([item(rng, "a")])
+    old.close()
+    reopened = VectorStore(tmp_path / "old", cfg())  # settings say nothing: keep what it was written with
+    assert reopened.config.patch_codec == "SQfp16" and "a" in reopened
+    reopened.close()
+    with pytest.raises(StoreMismatch, match="patch_codec='SQfp16'"):
+        VectorStore(tmp_path / "old", cfg(patch_codec="SQ4"))

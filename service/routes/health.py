@@ -27,7 +27,8 @@ def readyz(request: Request) -> JSONResponse:
             index_on_gpu=state.store.gpu,
             read_only=state.store.read_only,
             cls_factory=state.settings.cls_factory,
-            patch_codec=state.settings.patch_codec,
+            patch_codec=state.store.config.patch_codec,
+            patch_pool=state.store.config.patch_pool,
         )
     elif state.load_error:
         body["error"] = state.load_error

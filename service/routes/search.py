@@ -61,7 +61,7 @@ async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, 
                 }
                 for label, s in zip(labels, sims, strict=True)
             ]
-            row["grid"] = state.card["image"]["grid"] // state.settings.patch_pool
+            row["grid"] = state.card["image"]["grid"] // state.store.config.patch_pool
         results.append(row)
     return results
 
