@@ -218,6 +218,7 @@ def main() -> None:
                 for repeat in range(args.repeats):
                     for c in args.concurrency:
                         for rerank in (False, True):
+                            time.sleep(1)  # let the last run's in-flight requests finish first
                             before = stage_totals(srv.url)
                             stats = generator(srv.url, c, args.seconds, rerank, queries)
                             row = {"items": n, "repeat": repeat, "concurrency": c, "rerank": int(rerank), **stats}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ class AppState:
     thumbs: Path | None = None
     load_error: str | None = None
     search_pool: ThreadPoolExecutor | None = None  # searches run here, one core each
+    decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(len(os.sched_getaffinity(0))))
     active_requests: int = 0  # HTTP requests being served (the batchers wait for company only if > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 

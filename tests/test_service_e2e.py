@@ -215,6 +215,19 @@ def test_concurrent_requests_are_batched(server, client):
     assert text_samples["1.0"] < text_samples["+Inf"], "no text batch held more than one query"
 
 
+def test_the_files_of_one_request_are_embedded_as_one_batch(client):
+    def image_batches() -> tuple[float, float]:
+        fam = metric_samples(client)["emkum_batch_size"]
+        values = {s.name: s.value for s in fam.samples if s.labels.get("encoder") == "image" and "le" not in s.labels}
+        return values["emkum_batch_size_count"], values["emkum_batch_size_sum"]
+
+    count, total = image_batches()
+    r = client.post("/embed/image", files=files(*[jpeg(40 + i) for i in range(6)]))
+    assert r.status_code == 200 and len(r.json()["embeddings"]) == 6
+    count2, total2 = image_batches()
+    assert total2 - total == 6 and count2 - count < 6  # not six batches of one
+
+
 def test_metrics_are_valid_exposition(client):
     client.post("/search/text", json={"query": "a dog"})
     fams = metric_samples(client)

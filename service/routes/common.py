@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import numpy as np
 from fastapi import UploadFile
@@ -12,7 +15,9 @@ from service import metrics
 from service.deps import AppState, run_encoder
 from service.encoders import ImageEmbedding, TextEmbedding
 from service.errors import ApiError
-from service.images import decode_image, preprocess
+from service.images import decode_image, preprocess, thumbnail_jpeg
+
+T = TypeVar("T")
 
 
 async def read_upload(state: AppState, upload: UploadFile) -> bytes:
@@ -23,22 +28,49 @@ async def read_upload(state: AppState, upload: UploadFile) -> bytes:
     return data
 
 
-async def decode_upload(state: AppState, upload: UploadFile):
-    """Returns (bytes, PIL image, model input) for one uploaded file; 4xx on anything wrong with it."""
+async def decode_upload(
+    state: AppState, upload: UploadFile, thumbnail_size: int | None = None
+) -> tuple[bytes, bytes | None, np.ndarray]:
+    """(bytes, thumbnail JPEG or None, model input) for one uploaded file; 4xx on anything wrong with
+    it. At most one decode per core runs at once (`state.decode_slots`), and the full-size image is
+    dropped before the slot is given back: a request of 64 large files must not hold 64 of them."""
     data = await read_upload(state, upload)
     s = state.settings
-    start = time.perf_counter()
-    image = await run_in_threadpool(
-        decode_image, data, upload.filename or "upload", s.max_image_bytes, s.max_image_pixels
-    )
-    spec = state.card["image"]
-    pixels = await run_in_threadpool(preprocess, image, spec["size"], spec["mean"], spec["std"])
-    metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
-    return data, image, pixels
+    async with state.decode_slots:
+        start = time.perf_counter()
+        image = await run_in_threadpool(
+            decode_image, data, upload.filename or "upload", s.max_image_bytes, s.max_image_pixels
+        )
+        spec = state.card["image"]
+        pixels = await run_in_threadpool(preprocess, image, spec["size"], spec["mean"], spec["std"])
+        metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
+        thumb = await run_in_threadpool(thumbnail_jpeg, image, thumbnail_size) if thumbnail_size else None
+    return data, thumb, pixels
 
 
 async def embed_image(state: AppState, pixels: np.ndarray) -> ImageEmbedding:
     return await run_encoder(state, "image", pixels)
+
+
+async def embed_image_list(state: AppState, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
+    """The images of one request, submitted `max_batch` at a time so they batch together without one
+    request taking more than a batch's room in the encoder's queue."""
+    step = state.settings.max_batch
+    out: list[ImageEmbedding] = []
+    for start in range(0, len(pixels), step):
+        out += await all_in_order([embed_image(state, px) for px in pixels[start : start + step]])
+    return out
+
+
+async def all_in_order(awaitables: list[Awaitable[T]]) -> list[T]:
+    """Run concurrently (the files of one request decode on several cores and reach the encoder's
+    batcher together, instead of one batch of one after another); on failure, raise the error of
+    the first failing input in request order, so the answer does not depend on timing."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def check_text(state: AppState, text: str, field: str = "query") -> str:

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from service.deps import AppState, get_state
 from service.errors import ApiError
-from service.routes.common import check_text, decode_upload, embed_image, embed_texts
+from service.routes.common import all_in_order, check_text, decode_upload, embed_image_list, embed_texts
 
 router = APIRouter(tags=["embed"])
 
@@ -26,10 +26,10 @@ async def embed_images(
     """Embed images: the global (CLS) vector and, with `patches=true`, one vector per patch."""
     if len(files) > state.settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
+    decoded = await all_in_order([decode_upload(state, upload) for upload in files])
+    embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
     out = []
-    for upload in files:
-        _, _, pixels = await decode_upload(state, upload)
-        emb = await embed_image(state, pixels)
+    for emb in embeddings:
         item = {"cls": emb.cls.tolist()}
         if patches:
             item["patches"] = emb.patches.tolist()

@@ -12,8 +12,7 @@ from index.store import ItemInput
 from service import metrics
 from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
-from service.images import thumbnail_jpeg
-from service.routes.common import decode_upload, embed_image
+from service.routes.common import all_in_order, decode_upload, embed_image_list
 
 router = APIRouter(tags=["items"])
 
@@ -50,21 +49,22 @@ async def add_items(
         raise ApiError(422, "ids_mismatch", f"{len(ids)} ids for {len(files)} files")
     if metadata is not None and len(metadata) != len(files):
         raise ApiError(422, "metadata_mismatch", f"{len(metadata)} metadata entries for {len(files)} files")
-    prepared = []
-    for i, upload in enumerate(files):
+    metas = []
+    for i, upload in enumerate(files):  # the cheap checks first, before any decoding
         name = upload.filename or f"file {i}"
         item_id = ids[i] if ids else None
         if item_id is not None and not 1 <= len(item_id) <= 512:
             raise ApiError(422, "invalid_id", f"{name}: ids must be 1 to 512 characters")
         meta = parse_metadata(metadata[i] if metadata else None, name)
-        data, image, pixels = await decode_upload(state, upload)
         meta.setdefault("filename", name)
-        prepared.append((item_id or hashlib.sha1(data).hexdigest(), meta, image, pixels))
+        metas.append(meta)
+    size = state.settings.thumbnail_size
+    decoded = await all_in_order([decode_upload(state, upload, size) for upload in files])
+    embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
     items = []
-    for item_id, meta, image, pixels in prepared:
-        emb = await embed_image(state, pixels)
-        items.append(ItemInput(item_id, emb.cls, emb.patches, meta))
-        thumb = await run_in_threadpool(thumbnail_jpeg, image, state.settings.thumbnail_size)
+    for i, ((data, thumb, _), emb) in enumerate(zip(decoded, embeddings, strict=True)):
+        item_id = ids[i] if ids else hashlib.sha1(data).hexdigest()
+        items.append(ItemInput(item_id, emb.cls, emb.patches, metas[i]))
         await run_in_threadpool(_write_thumb, thumb_path(state, item_id), thumb)
     statuses = await run_in_threadpool(state.store.add, items)
     metrics.ITEMS.set(len(state.store))
