@@ -118,6 +118,9 @@ class VectorStore:
 
     # -- opening --------------------------------------------------------------------------------
     def _open_db(self) -> sqlite3.Connection:
+        writable = os.access(self.path, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
+        if self.db_path.is_file() and not writable:  # a read-only mount or permissions
+            return self._open_db_read_only(f"{self.path} is not writable")
         try:
             db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
@@ -125,27 +128,31 @@ class VectorStore:
             db.executescript(SCHEMA)
         except sqlite3.OperationalError as exc:
             if self.db_path.is_file() and _is_write_refusal(exc):
-                return self._open_db_read_only(exc)
+                return self._open_db_read_only(exc)  # a refusal os.access did not foresee
             raise CorruptStoreFile(f"{self.db_path}: cannot open the item database ({exc})") from exc
         except sqlite3.DatabaseError as exc:
             raise CorruptStoreFile(f"{self.db_path}: cannot open the item database ({exc})") from exc
         return db
 
-    def _open_db_read_only(self, why: sqlite3.OperationalError) -> sqlite3.Connection:
-        """A read-only directory or file: serve what it holds. `mode=ro` reads a WAL left by a writer
-        that died (its -wal and -shm files exist); after a clean shutdown they are gone, everything is
-        in the main file, and only `immutable=1` opens a WAL database in a directory SQLite may not
-        write its -shm file to."""
+    def _open_db_read_only(self, why: object) -> sqlite3.Connection:
+        """A read-only directory or file: serve what it holds. `mode=ro` reads the WAL too, which a
+        writer that died leaves behind with its -shm file. After a clean shutdown both are gone and
+        everything is in the main file; then only `immutable=1` opens a WAL database in a directory
+        SQLite may not create its -shm file in. immutable ignores any WAL, so it is used only when
+        there is none: otherwise acknowledged writes would be silently missing."""
         self.read_only, self.read_only_reason = True, str(why)
         uri = self.db_path.resolve().as_uri()
-        for mode in ("mode=ro", "immutable=1"):
+        wal = self.db_path.with_name(self.db_path.name + "-wal")
+        modes = ["mode=ro"] + ([] if wal.exists() and wal.stat().st_size else ["immutable=1"])
+        errors = []
+        for mode in modes:
             try:
                 db = sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False, isolation_level=None)
                 db.execute("SELECT COUNT(*) FROM items").fetchone()
                 return db
-            except sqlite3.DatabaseError:
-                continue
-        raise CorruptStoreFile(f"{self.db_path}: cannot open the item database, not even read-only ({why})")
+            except sqlite3.DatabaseError as exc:
+                errors.append(f"{mode}: {exc}")
+        raise CorruptStoreFile(f"{self.db_path}: cannot open the item database read-only ({why}; {'; '.join(errors)})")
 
     def check_writable(self) -> None:
         """Refuse a write up front (ReadOnlyStore) when the store was opened read-only."""

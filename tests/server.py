@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +89,16 @@ def running_server(
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def read_only_view(data: Path) -> tuple[list[str] | None, Callable[[], object]]:
+    """(command prefix, undo) that show a child process `data` read-only: as root (which ignores file
+    permissions), a read-only bind mount in the child's own mount namespace, as a `:ro` volume is;
+    otherwise file permissions."""
+    if os.geteuid() == 0:
+        mount = f'mount --bind {data} {data} && mount -o remount,bind,ro {data} && exec "$@"'
+        return ["unshare", "--mount", "sh", "-c", mount, "sh"], lambda: None
+    modes = {p: p.stat().st_mode for p in [data, *data.rglob("*")]}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    return None, lambda: [p.chmod(mode) for p, mode in modes.items()]

@@ -5,18 +5,16 @@ constant-time."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import random
 import resource
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.images import jpeg
-from tests.server import running_server
+from tests.server import read_only_view, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -61,18 +59,6 @@ def test_full_disk_refuses_writes_and_keeps_serving(tiny_model_dir, tmp_path):
         present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
         assert set(acked) <= present
         assert c.post("/items", files=[("files", ("y.jpg", jpeg(12345, 64), "image/jpeg"))]).status_code == 200
-
-
-def read_only_view(data: Path) -> tuple[list[str] | None, callable]:
-    """How to show the server `data` read-only: as root (which ignores file permissions), a read-only
-    bind mount in the server's own mount namespace, as a `:ro` volume is; otherwise permissions."""
-    if os.geteuid() == 0:
-        mount = f'mount --bind {data} {data} && mount -o remount,bind,ro {data} && exec "$@"'
-        return ["unshare", "--mount", "sh", "-c", mount, "sh"], lambda: None
-    modes = {p: p.stat().st_mode for p in [data, *data.rglob("*")]}
-    for p, mode in modes.items():
-        p.chmod(mode & ~0o222)
-    return None, lambda: [p.chmod(mode) for p, mode in modes.items()]
 
 
 def test_read_only_data_directory_serves_search_and_refuses_writes(tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from index.cmli import rerank_cmli
 from index.store import ItemInput
 from tests.conftest import unit
 from tests.reference import cmli_t2i_loop
+from tests.server import read_only_view
 
 D = 16
 
@@ -267,6 +269,35 @@ def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
     assert counts["metadata"] == counts["cls"] == counts["patches"] == len(store)
     some = sorted(acked - deleted)[0]
     assert store.search(_cls_of(store, some), k=1, rerank=False)[0].id == some
+
+
+def test_read_only_directory_left_by_a_killed_writer_shows_every_acknowledged_item(tmp_path):
+    """A writer killed mid-stream leaves its last commits in the -wal file; opened read-only (a read-only
+    mount) the store must read them, not serve the older main file."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    acked, deleted = set(), set()
+    for line in proc.stdout:
+        kind, *names = line.split()
+        (acked if kind == "ACK" else deleted).update(names)
+        if len(acked) >= 100:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "items.sqlite-wal").stat().st_size > 0  # the case under test: commits in the WAL
+    probe = (
+        "import json, sys; from index import StoreConfig, VectorStore; "
+        f"s = VectorStore({str(tmp_path)!r}, StoreConfig(dim=16, model='test-model')); "
+        "print(json.dumps([s.read_only, [r['id'] for r in s.list(limit=100000)]]))"
+    )
+    wrap, restore = read_only_view(tmp_path)
+    try:
+        out = subprocess.run([*(wrap or []), sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    finally:
+        restore()
+    assert out.returncode == 0, out.stderr
+    read_only, present = json.loads(out.stdout)
+    assert read_only and acked - deleted <= set(present) and not (deleted & set(present))
 
 
 def _cls_of(store: VectorStore, name: str) -> np.ndarray:
