@@ -200,7 +200,7 @@ def index_folder(
 def search(
     query: Annotated[str, typer.Argument(help="what to look for")],
     k: Annotated[int, typer.Option("--k", "-k", help="results to show")] = 5,
-    candidates: Annotated[int, typer.Option()] = 100,
+    candidates: Annotated[int | None, typer.Option(help="CLS candidates to rerank; default: the model's own")] = None,
     rerank: Annotated[bool, typer.Option()] = True,
     model_dir: Annotated[Path | None, typer.Option()] = None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
@@ -215,6 +215,7 @@ def search(
     n = int(tok.mask[0].sum())
     (emb,) = state.encoders.embed_tokens_now([(tok.ids[0, :n], tok.mask[0, :n])])
     weight = float(state.card["rerank"]["cls_weight"])
+    candidates = candidates or int(state.card["rerank"]["candidates"])
     hits = state.store.search(emb.cls, emb.tokens, emb.mask, k, candidates, rerank, cls_weight=weight)
     state.encoders.close()
     for h in hits:

@@ -228,6 +228,21 @@ def test_the_files_of_one_request_are_embedded_as_one_batch(client):
     assert total2 - total == 6 and count2 - count < 6  # not six batches of one
 
 
+def test_texts_of_one_request_batch_together_and_rerank_depth_defaults_to_the_models(client):
+    def text_batches() -> tuple[float, float]:
+        fam = metric_samples(client)["emkum_batch_size"]
+        values = {s.name: s.value for s in fam.samples if s.labels.get("encoder") == "text" and "le" not in s.labels}
+        return values["emkum_batch_size_count"], values["emkum_batch_size_sum"]
+
+    count, total = text_batches()
+    assert client.post("/embed/text", json={"texts": [f"text {i}" for i in range(6)]}).status_code == 200
+    count2, total2 = text_batches()
+    assert total2 - total == 6 and count2 - count < 6
+    assert client.post("/search/text", json={"query": "a dog"}).json()["candidates"] == 20  # model.json's
+    assert client.post("/search/text", json={"query": "a dog", "candidates": 50}).json()["candidates"] == 50
+    assert client.post("/search/text", json={"query": "a dog", "k": 30}).json()["candidates"] == 30  # >= k
+
+
 def test_metrics_are_valid_exposition(client):
     client.post("/search/text", json={"query": "a dog"})
     fams = metric_samples(client)

@@ -53,12 +53,16 @@ async def embed_image(state: AppState, pixels: np.ndarray) -> ImageEmbedding:
 
 
 async def embed_image_list(state: AppState, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
-    """The images of one request, submitted `max_batch` at a time so they batch together without one
+    return await in_batches(state, "image", pixels)
+
+
+async def in_batches(state: AppState, encoder: str, payloads: list) -> list:
+    """The inputs of one request, submitted `max_batch` at a time so they batch together without one
     request taking more than a batch's room in the encoder's queue."""
     step = state.settings.max_batch
-    out: list[ImageEmbedding] = []
-    for start in range(0, len(pixels), step):
-        out += await all_in_order([embed_image(state, px) for px in pixels[start : start + step]])
+    out: list = []
+    for start in range(0, len(payloads), step):
+        out += await all_in_order([run_encoder(state, encoder, p) for p in payloads[start : start + step]])
     return out
 
 
@@ -89,15 +93,17 @@ async def embed_texts(state: AppState, texts: list[str]) -> tuple[list[TextEmbed
     start = time.perf_counter()
     batch = state.tokenizer(texts)
     metrics.STAGE_LATENCY.labels("tokenize").observe(time.perf_counter() - start)
-    embeddings = []
-    for i in range(len(texts)):
-        n = int(batch.mask[i].sum())
-        embeddings.append(await run_encoder(state, "text", (batch.ids[i, :n], batch.mask[i, :n])))
-    return embeddings, batch.truncated, batch.words
+    rows = [
+        (batch.ids[i, : int(batch.mask[i].sum())], batch.mask[i, : int(batch.mask[i].sum())]) for i in range(len(texts))
+    ]
+    return await in_batches(state, "text", rows), batch.truncated, batch.words
 
 
-def check_k(state: AppState, k: int, candidates: int) -> tuple[int, int]:
+def check_k(state: AppState, k: int, candidates: int | None) -> tuple[int, int]:
+    """k and the number of CLS candidates to rerank (at least k; the model's own number if unset)."""
     s = state.settings
+    if candidates is None:
+        candidates = int(state.card.get("rerank", {}).get("candidates", 100))
     if not 1 <= k <= s.max_k:
         raise ApiError(422, "k_out_of_range", f"k must be between 1 and {s.max_k}, got {k}")
     if not 1 <= candidates <= s.max_candidates:

@@ -19,7 +19,7 @@ router = APIRouter(tags=["search"])
 class TextSearch(BaseModel):
     query: str
     k: int = 10
-    candidates: int = 100
+    candidates: int | None = None  # None: the model's own (model.json rerank.candidates, chosen on val)
     rerank: bool = True
     explain: bool = False
 
@@ -81,14 +81,14 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
         state, emb.cls, emb.tokens, emb.mask, k, candidates, body.rerank, body.explain, timings, words
     )
     timings["total"] = _ms(time.perf_counter() - start)
-    return {"results": results, "truncated": truncated, "timings_ms": timings}
+    return {"results": results, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
 
 
 @router.post("/search/image")
 async def search_image(
     file: Annotated[UploadFile, File(description="the query image")],
     k: Annotated[int, Form()] = 10,
-    candidates: Annotated[int, Form()] = 100,
+    candidates: Annotated[int | None, Form()] = None,
     rerank: Annotated[bool, Form()] = True,
     explain: Annotated[bool, Form()] = False,
     state: AppState = Depends(get_state),
@@ -104,4 +104,4 @@ async def search_image(
     mask = np.ones(len(emb.patches), dtype=np.float32)
     results = await _search(state, emb.cls, emb.patches, mask, k, candidates, rerank, explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
-    return {"results": results, "timings_ms": timings}
+    return {"results": results, "candidates": candidates, "timings_ms": timings}
