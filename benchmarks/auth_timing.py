@@ -15,7 +15,6 @@ typical key (32 characters).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -28,7 +27,7 @@ from scipy.stats import mannwhitneyu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, record, write_report  # noqa: E402
 from service.deps import require_api_key  # noqa: E402
 from service.errors import ApiError  # noqa: E402
 
@@ -89,11 +88,8 @@ def main() -> None:
         request = fake_request(key)
         for name, check in (("require_api_key (hmac.compare_digest)", real_check), ("naive == (control)", naive_check)):
             row = {"check": name, "key_length": length, **compare(measure(check, request, keys, args.samples, inner))}
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+            record(report, row)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

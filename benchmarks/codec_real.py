@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, record  # noqa: E402
 from index import VectorStore  # noqa: E402
 from index.cmli import rerank_cmli  # noqa: E402
 from index.store import ItemInput  # noqa: E402
@@ -109,8 +109,7 @@ def main() -> None:
                 "t2i_rerank_k20": t2i_recall(np.array(ranked), truth),
                 "search_p50_ms_k20": round(float(np.median(seconds)) * 1000, 2),
             }
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            record(report, row)
     out = ROOT / "benchmarks" / "results" / "codec_real.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

@@ -8,7 +8,6 @@ the GPU's measured matrix rate that the image tower reaches.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.machine import describe
+from benchmarks.machine import describe, record, write_report
 
 
 def timed(fn, reps: int) -> float:
@@ -107,8 +106,7 @@ def main() -> None:
                 "seconds_per_batch": round(seconds, 5),
                 "images_per_s": round(batch / seconds, 1),
             }
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            record(report, row)
     if gpu:
         rate = matmul_rate("cuda", torch.bfloat16)
         report["gpu_bf16_matmul_tflops"] = round(rate / 1e12, 1)
@@ -116,9 +114,7 @@ def main() -> None:
             if "cuda" in row["backend"]:
                 row["share_of_bf16_matmul_rate"] = round(row["images_per_s"] * flops / rate, 4)
     out = args.out or Path(__file__).parent / "results" / f"encoder_bench-{'gpu' if gpu else 'cpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.machine import describe
+from benchmarks.machine import describe, write_report
 from index import StoreConfig, VectorStore
 from index.cmli import rerank_cmli
 from index.codecs import PatchCodec
@@ -202,9 +202,7 @@ def main() -> None:
             report["latency"].append(
                 latency(n, factory, args.latency_codec, args.queries, [100, 1000], rng, args.latency_vectors)
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import sys
 import tarfile
 import tempfile
@@ -23,7 +22,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, record, write_report  # noqa: E402
 from benchmarks.service_bench import stage_means_ms, stage_totals  # noqa: E402
 from tests.server import running_server  # noqa: E402
 
@@ -92,11 +91,8 @@ def main() -> None:
                 "server_stage_mean_ms": stage_means_ms(before, stage_totals(srv.url)),
                 "provider": httpx.get(f"{srv.url}/readyz").json().get("provider"),
             }
-            report["rows"].append(row)
-            print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+            record(report, row)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 
 def describe() -> dict:
@@ -37,3 +39,16 @@ def describe() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return info
+
+
+def record(report: dict, row: dict) -> None:
+    """Add one result row to the report and show it as it comes."""
+    report["rows"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def write_report(path: Path, report: dict) -> None:
+    """Write the report (with its machine description) where the docs cite it from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.machine import describe  # noqa: E402
+from benchmarks.machine import describe, write_report  # noqa: E402
 from index import VectorStore  # noqa: E402
 from index.store import ItemInput  # noqa: E402
 from service.modelcard import load_model_card, store_config  # noqa: E402
@@ -50,7 +50,8 @@ local queries = {%(queries)s}
 local i = 0
 request = function()
   i = i + 1
-  local body = '{"query": "' .. queries[(i %% #queries) + 1] .. '", "k": 10, "candidates": 100, "rerank": %(rerank)s}'
+  local body = '{"query": "' .. queries[(i %% #queries) + 1] .. '", "k": 10, ' ..
+    '"candidates": %(candidates)d, "rerank": %(rerank)s}'
   return wrk.format("POST", "/search/text", {["Content-Type"] = "application/json"}, body)
 end
 done = function(summary, latency, requests)
@@ -103,8 +104,12 @@ def stage_means_ms(before: dict, after: dict) -> dict[str, float]:
     return means
 
 
-def run_wrk(url: str, concurrency: int, seconds: int, rerank: bool, queries: list[str]) -> dict:
-    script = WRK_SCRIPT % {"queries": ", ".join(f'"{q}"' for q in queries), "rerank": str(rerank).lower()}
+def run_wrk(url: str, concurrency: int, seconds: int, rerank: bool, queries: list[str], candidates: int) -> dict:
+    script = WRK_SCRIPT % {
+        "queries": ", ".join(f'"{q}"' for q in queries),
+        "rerank": str(rerank).lower(),
+        "candidates": candidates,
+    }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "-s", f.name, url]
@@ -121,14 +126,14 @@ def run_wrk(url: str, concurrency: int, seconds: int, rerank: bool, queries: lis
     }
 
 
-def run_httpx(url: str, concurrency: int, seconds: int, rerank: bool, queries: list[str]) -> dict:
+def run_httpx(url: str, concurrency: int, seconds: int, rerank: bool, queries: list[str], candidates: int) -> dict:
     latencies: list[float] = []
     codes: dict[int, int] = {}
 
     async def worker(client: httpx.AsyncClient, deadline: float, offset: int) -> None:
         i = offset
         while time.perf_counter() < deadline:
-            body = {"query": queries[i % len(queries)], "k": 10, "candidates": 100, "rerank": rerank}
+            body = {"query": queries[i % len(queries)], "k": 10, "candidates": candidates, "rerank": rerank}
             t0 = time.perf_counter()
             r = await client.post("/search/text", json=body)
             latencies.append(time.perf_counter() - t0)
@@ -190,6 +195,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=1, help="patch pooling factor (EMKUM_PATCH_POOL)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--seconds", type=int, default=10, help="length of one run")
+    ap.add_argument("--candidates", type=int, default=100, help="K: CLS candidates reranked")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--set", dest="settings", action="append", default=[], help="a service setting, e.g. max_wait_ms=0")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "service_bench.json")
@@ -204,6 +210,7 @@ def main() -> None:
         "machine": describe(),
         "model": card["name"],
         "settings": settings,
+        "candidates": args.candidates,
         "load_generator": "wrk" if generator is run_wrk else "httpx (in-process)",
         "command": " ".join(sys.argv),
         "runs": [],
@@ -220,7 +227,7 @@ def main() -> None:
                         for rerank in (False, True):
                             time.sleep(1)  # let the last run's in-flight requests finish first
                             before = stage_totals(srv.url)
-                            stats = generator(srv.url, c, args.seconds, rerank, queries)
+                            stats = generator(srv.url, c, args.seconds, rerank, queries, args.candidates)
                             row = {"items": n, "repeat": repeat, "concurrency": c, "rerank": int(rerank), **stats}
                             row["server_stage_mean_ms"] = stage_means_ms(before, stage_totals(srv.url))
                             report["runs"].append(row)
@@ -228,9 +235,7 @@ def main() -> None:
     report["summary"] = summarise(report["runs"])
     for row in report["summary"]:
         print(json.dumps(row))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

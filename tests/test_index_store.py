@@ -250,17 +250,24 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
+def kill_a_writer(path, after_acks: int) -> tuple[set[str], set[str]]:
+    """Run CHILD writing into `path`, SIGKILL it once it acknowledged `after_acks` items; returns
+    (acknowledged adds, acknowledged deletes)."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
     acked, deleted = set(), set()
     for line in proc.stdout:
         kind, *names = line.split()
         (acked if kind == "ACK" else deleted).update(names)
-        if len(acked) >= 300:
+        if len(acked) >= after_acks:
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return acked, deleted
+
+
+def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
+    acked, deleted = kill_a_writer(tmp_path, 300)
     store = VectorStore(tmp_path, StoreConfig(dim=16, model="test-model"))
     present = {r["id"] for r in store.list(limit=100000)}
     assert acked - deleted <= present
@@ -274,16 +281,7 @@ def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
 def test_read_only_directory_left_by_a_killed_writer_shows_every_acknowledged_item(tmp_path):
     """A writer killed mid-stream leaves its last commits in the -wal file; opened read-only (a read-only
     mount) the store must read them, not serve the older main file."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
-    acked, deleted = set(), set()
-    for line in proc.stdout:
-        kind, *names = line.split()
-        (acked if kind == "ACK" else deleted).update(names)
-        if len(acked) >= 100:
-            break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    acked, deleted = kill_a_writer(tmp_path, 100)
     assert (tmp_path / "items.sqlite-wal").stat().st_size > 0  # the case under test: commits in the WAL
     probe = (
         "import json, sys; from index import StoreConfig, VectorStore; "
@@ -292,6 +290,7 @@ def test_read_only_directory_left_by_a_killed_writer_shows_every_acknowledged_it
     )
     wrap, restore = read_only_view(tmp_path)
     try:
+        env = {**os.environ, "PYTHONPATH": os.getcwd()}
         out = subprocess.run([*(wrap or []), sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     finally:
         restore()

@@ -215,28 +215,25 @@ def test_concurrent_requests_are_batched(server, client):
     assert text_samples["1.0"] < text_samples["+Inf"], "no text batch held more than one query"
 
 
-def test_the_files_of_one_request_are_embedded_as_one_batch(client):
-    def image_batches() -> tuple[float, float]:
-        fam = metric_samples(client)["emkum_batch_size"]
-        values = {s.name: s.value for s in fam.samples if s.labels.get("encoder") == "image" and "le" not in s.labels}
-        return values["emkum_batch_size_count"], values["emkum_batch_size_sum"]
+def batches(client, encoder: str) -> tuple[float, float]:
+    """(batches run, inputs embedded) so far by one encoder, from /metrics."""
+    fam = metric_samples(client)["emkum_batch_size"]
+    values = {s.name: s.value for s in fam.samples if s.labels.get("encoder") == encoder and "le" not in s.labels}
+    return values["emkum_batch_size_count"], values["emkum_batch_size_sum"]
 
-    count, total = image_batches()
+
+def test_the_files_of_one_request_are_embedded_as_one_batch(client):
+    count, total = batches(client, "image")
     r = client.post("/embed/image", files=files(*[jpeg(40 + i) for i in range(6)]))
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 6
-    count2, total2 = image_batches()
+    count2, total2 = batches(client, "image")
     assert total2 - total == 6 and count2 - count < 6  # not six batches of one
 
 
 def test_texts_of_one_request_batch_together_and_rerank_depth_defaults_to_the_models(client):
-    def text_batches() -> tuple[float, float]:
-        fam = metric_samples(client)["emkum_batch_size"]
-        values = {s.name: s.value for s in fam.samples if s.labels.get("encoder") == "text" and "le" not in s.labels}
-        return values["emkum_batch_size_count"], values["emkum_batch_size_sum"]
-
-    count, total = text_batches()
+    count, total = batches(client, "text")
     assert client.post("/embed/text", json={"texts": [f"text {i}" for i in range(6)]}).status_code == 200
-    count2, total2 = text_batches()
+    count2, total2 = batches(client, "text")
     assert total2 - total == 6 and count2 - count < 6
     assert client.post("/search/text", json={"query": "a dog"}).json()["candidates"] == 20  # model.json's
     assert client.post("/search/text", json={"query": "a dog", "candidates": 50}).json()["candidates"] == 50
