@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -14,7 +13,7 @@ from fastapi import FastAPI, Request
 
 from index import VectorStore, one_thread_per_search
 from service import metrics
-from service.deps import AppState
+from service.deps import AppState, available_cores
 from service.encoders import Encoders
 from service.errors import error_response, install_handlers
 from service.modelcard import load_model_card, store_config
@@ -57,7 +56,7 @@ def load_state(state: AppState) -> None:
         log.warning("data directory %s is read-only: serving its %d items, refusing writes", s.data_dir, len(store))
     else:
         state.thumbs.mkdir(parents=True, exist_ok=True)
-    threads = s.search_threads or len(os.sched_getaffinity(0))
+    threads = s.search_threads or available_cores()
     state.search_pool = ThreadPoolExecutor(threads, thread_name_prefix="search", initializer=one_thread_per_search)
     state.card, state.encoders, state.store = card, encoders, store
     metrics.ITEMS.set(len(store))

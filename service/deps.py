@@ -19,6 +19,14 @@ from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one, as in containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 @dataclass
 class AppState:
     settings: Settings
@@ -29,7 +37,7 @@ class AppState:
     thumbs: Path | None = None
     load_error: str | None = None
     search_pool: ThreadPoolExecutor | None = None  # searches run here, one core each
-    decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(len(os.sched_getaffinity(0))))
+    decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(available_cores()))
     active_requests: int = 0  # HTTP requests being served (the batchers wait for company only if > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
