@@ -1,0 +1,60 @@
+"""The default model as `make demo` builds it: the committed trained tensors over the frozen parts
+rebuilt from the pip packages, exported in fp32 and fp16, checked, and finding real photos by text.
+Real weights, so end to end (the tiny random model covers everything else)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import demo_images
+from service.encoders import Encoders
+from service.images import preprocess
+from service.tokenizer import TextTokenizer
+
+pytestmark = pytest.mark.e2e
+
+PHOTOS = ["rocket.jpg", "motorcycle_left.png", "chelsea.png", "coffee.png", "astronaut.png", "horse.png"]
+
+
+@pytest.fixture(scope="module")
+def default_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "emkum-flickr8k"
+    subprocess.run([sys.executable, "-m", "service.cli", "build-default", "--out-dir", str(out)], check=True)
+    return out
+
+
+def test_build_default_writes_both_variants_within_their_tolerances(default_model):
+    card = json.loads((default_model / "model.json").read_text())
+    assert card["name"] == "emkum-flickr8k" and card["dim"] == 256 and card["image"]["grid"] == 16
+    assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
+    assert all(err < 5e-3 for err in card["export"]["parity_relative_error_fp16"].values())
+    assert card["metrics"]["val"]["rerank"]["mean6"] == pytest.approx(61.56, abs=0.05)  # as trained
+    assert (default_model / card["files"]["image_fp16"]).is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_default_model_finds_real_photos_by_text(default_model, precision):
+    card = json.loads((default_model / "model.json").read_text())
+    spec = card["image"]
+    pixels = [
+        preprocess(Image.open(demo_images() / name).convert("RGB"), spec["size"], spec["mean"], spec["std"])
+        for name in PHOTOS
+    ]
+    tokenizer = TextTokenizer(default_model / "tokenizer.json", card["text"]["max_length"])
+    encoders = Encoders(default_model, card, providers="cpu", precision=precision)
+    try:
+        images = np.stack([e.cls for e in encoders.embed_images_now(pixels)])
+        queries = {"a rocket launching into the sky": "rocket.jpg", "a man riding a motorcycle": "motorcycle_left.png"}
+        batch = tokenizer(list(queries))
+        rows = [(batch.ids[i, : int(batch.mask[i].sum())], batch.mask[i, : int(batch.mask[i].sum())]) for i in range(2)]
+        texts = encoders.embed_tokens_now(rows)
+    finally:
+        encoders.close()
+    for (query, expected), text in zip(queries.items(), texts, strict=True):
+        assert PHOTOS[int(np.argmax(images @ text.cls))] == expected, query
