@@ -48,6 +48,7 @@ def load_state(state: AppState) -> None:
             use_gpu=s.use_gpu_index,
             snapshot_every=s.snapshot_every,
             patch_pool=s.patch_pool,
+            codec_training_vectors=s.codec_training_vectors,
         ),
     )
     state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # None: what the data directory was written with; for a new one SQ8 and no pooling
     patch_codec: str | None = None  # SQ8, SQfp16 (exact to fp16), SQ4, PQ32x8, ...
     patch_pool: int | None = Field(None, ge=1)  # 2: average 2x2 patch cells (4x less memory and rerank work)
+    codec_training_vectors: int = Field(65_536, ge=1)  # SQ8/SQ4/PQ learn from this many stored vectors
     use_gpu_index: bool = True
     snapshot_every: int = 5000
     thumbnail_size: int = 256

@@ -332,3 +332,15 @@ def test_request_timeout_answers_504_and_the_server_recovers(tiny_model_dir, tmp
         assert r.status_code == 504 and error_of(r) == "timeout"
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 200
+
+
+def test_codec_training_threshold_is_a_setting(tiny_model_dir, tmp_path):
+    from index import StoreConfig, VectorStore
+
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, codec_training_vectors=32) as srv, srv.client() as c:
+        for i in range(2):  # 16 patch vectors per image with the tiny model: trained after the second
+            r = c.post("/items", files=files(jpeg(60 + i)), data={"ids": [f"t{i}"]})
+            assert r.status_code == 200
+        assert c.get("/readyz").json()["patch_codec"] == "SQ8"
+    store = VectorStore(tmp_path / "d", StoreConfig(dim=16, model="emkum-tiny"))
+    assert store.codec.is_trained and store.bytes_per_item() == 16 * 16  # one byte per dimension
