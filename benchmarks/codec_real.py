@@ -62,13 +62,7 @@ def main() -> None:
     for s in tqdm(range(0, len(pairs), 32), desc="embed images"):
         px = [preprocess_array(decode_square(p.read(), spec["size"]), spec) for p in pairs[s : s + 32]]
         images.extend(enc.embed_images_now(px))
-    batch = tok([p.captions[0] for p in pairs])
-    queries = enc.embed_tokens_now(
-        [
-            (batch.ids[i, : int(batch.mask[i].sum())], batch.mask[i, : int(batch.mask[i].sum())])
-            for i in range(len(pairs))
-        ]
-    )
+    queries = enc.embed_tokens_now(tok([p.captions[0] for p in pairs]).rows())
     enc.close()
     truth = np.arange(len(pairs))
     cls = np.stack([e.cls for e in images])

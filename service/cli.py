@@ -211,9 +211,7 @@ def search(
 
     state = AppState(settings=_settings(model_dir=model_dir, data_dir=data_dir))
     load_state(state)
-    tok = state.tokenizer([query])
-    n = int(tok.mask[0].sum())
-    (emb,) = state.encoders.embed_tokens_now([(tok.ids[0, :n], tok.mask[0, :n])])
+    (emb,) = state.encoders.embed_tokens_now(state.tokenizer([query]).rows())
     weight = float(state.card["rerank"]["cls_weight"])
     candidates = candidates or int(state.card["rerank"]["candidates"])
     hits = state.store.search(emb.cls, emb.tokens, emb.mask, k, candidates, rerank, cls_weight=weight)

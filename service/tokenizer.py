@@ -18,6 +18,11 @@ class TokenBatch:
     truncated: list[bool]  # whether each text lost tokens to the length limit
     words: list[list[str]]  # the token strings, for `explain`
 
+    def rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each text's (ids, mask) without its padding: what the text encoder takes per input."""
+        lengths = self.mask.sum(axis=1)
+        return [(self.ids[i, :n], self.mask[i, :n]) for i, n in enumerate(lengths)]
+
 
 class TextTokenizer:
     def __init__(self, path: str | Path, max_length: int = 64) -> None:

@@ -51,9 +51,7 @@ def test_the_default_model_finds_real_photos_by_text(default_model, precision):
     try:
         images = np.stack([e.cls for e in encoders.embed_images_now(pixels)])
         queries = {"a rocket launching into the sky": "rocket.jpg", "a man riding a motorcycle": "motorcycle_left.png"}
-        batch = tokenizer(list(queries))
-        rows = [(batch.ids[i, : int(batch.mask[i].sum())], batch.mask[i, : int(batch.mask[i].sum())]) for i in range(2)]
-        texts = encoders.embed_tokens_now(rows)
+        texts = encoders.embed_tokens_now(tokenizer(list(queries)).rows())
     finally:
         encoders.close()
     for (query, expected), text in zip(queries.items(), texts, strict=True):

@@ -28,6 +28,9 @@ def test_minilm_weights_and_tokenizer_match_the_package():
     batch = tokenizer(texts)
     ref_batch = hf_tok(texts, padding=True, return_tensors="pt")
     np.testing.assert_array_equal(batch.ids, ref_batch["input_ids"].numpy())
+    rows = batch.rows()  # each text without its padding
+    assert [len(ids) for ids, _ in rows] == ref_batch["attention_mask"].sum(1).tolist()
+    assert all(mask.all() for _, mask in rows) and rows[1][0][-1] == 102  # ends with [SEP]
     ref = BertModel.from_pretrained(str(P.minilm_dir()), add_pooling_layer=False).eval()
     with torch.no_grad():
         got = ours(torch.from_numpy(batch.ids), torch.from_numpy(batch.mask))

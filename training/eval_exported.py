@@ -47,11 +47,7 @@ def evaluate_exported(
     caption_image = np.array(owner)
     embedded = []
     for s in tqdm(range(0, len(texts), 256), desc="embed captions", unit="batch"):
-        tok = tokenizer(texts[s : s + 256])
-        rows = [
-            (tok.ids[i, : int(tok.mask[i].sum())], tok.mask[i, : int(tok.mask[i].sum())]) for i in range(len(tok.ids))
-        ]
-        embedded.extend(encoders.embed_tokens_now(rows))
+        embedded.extend(encoders.embed_tokens_now(tokenizer(texts[s : s + 256]).rows()))
     encoders.close()
     weight = float(card.get("rerank", {}).get("cls_weight", 0.5))
     with tempfile.TemporaryDirectory() as tmp:

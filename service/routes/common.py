@@ -93,10 +93,7 @@ async def embed_texts(state: AppState, texts: list[str]) -> tuple[list[TextEmbed
     start = time.perf_counter()
     batch = state.tokenizer(texts)
     metrics.STAGE_LATENCY.labels("tokenize").observe(time.perf_counter() - start)
-    rows = [
-        (batch.ids[i, : int(batch.mask[i].sum())], batch.mask[i, : int(batch.mask[i].sum())]) for i in range(len(texts))
-    ]
-    return await in_batches(state, "text", rows), batch.truncated, batch.words
+    return await in_batches(state, "text", batch.rows()), batch.truncated, batch.words
 
 
 def check_k(state: AppState, k: int, candidates: int | None) -> tuple[int, int]:
