@@ -7,19 +7,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def pad_candidates(vectors: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Stack candidates with different vector counts into [K, Nmax, d] and a validity mask [K, Nmax]."""
-    k = len(vectors)
-    d = vectors[0].shape[1]
-    n_max = max(v.shape[0] for v in vectors)
-    out = np.zeros((k, n_max, d), dtype=np.float32)
-    valid = np.zeros((k, n_max), dtype=bool)
-    for i, v in enumerate(vectors):
-        out[i, : v.shape[0]] = v
-        valid[i, : v.shape[0]] = True
-    return out, valid
-
-
 def rerank_cmli(
     query_tokens: np.ndarray, query_mask: np.ndarray, candidates: np.ndarray, valid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

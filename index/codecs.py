@@ -11,10 +11,13 @@ materialising the decoded fp32 vectors of 100 candidates (26 MB at 256 x 256-d) 
 rerank's arithmetic. An SQ8/SQ4 code decodes per dimension as vmin + (c + 0.5) / levels * vdiff, so
 q . x = sum_d c_d * (q_d * vdiff_d / levels) + q . (vmin + 0.5 * vdiff / levels): the affine part
 folds into the query once, and the codes only need a cast to float before one matrix product.
-FAISS's own code-domain distance computers work one vector at a time, which from Python is slower.
-(benchmarks/results/rerank_micro.json has the timings.)"""
+FAISS's own code-domain paths are slower from Python for this (range_search over the 25,600
+candidate codes of K = 100 took 93 ms, search with k = 100 6 ms, this fold 3.7 ms, one thread).
+Timings through the service: docs/evidence.md."""
 
 from __future__ import annotations
+
+import functools
 
 import faiss
 import numpy as np
@@ -42,7 +45,7 @@ class PatchCodec:
 
     def train(self, sample: np.ndarray) -> None:
         self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        self.__dict__.pop("_affine_cache", None)
+        self.__dict__.pop("_affine", None)  # the cached ranges are the untrained ones
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         return self.index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -54,8 +57,8 @@ class PatchCodec:
         """codes [T, code_size] -> [T, M]: the inner product of each decoded vector with each of the
         queries [M, d], equal to `decode(codes) @ queries.T` up to float rounding."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        affine = self._affine()
-        if affine is None:  # one decode call: FAISS's sa_decode costs milliseconds per call on its own
+        affine = self._affine
+        if affine is None:  # SQfp16, PQ: decode all candidates in one call, then one product
             return self.decode(codes) @ queries.T
         out = np.empty((len(codes), len(queries)), dtype=np.float32)
         levels, vmin, vdiff = affine
@@ -71,22 +74,21 @@ class PatchCodec:
                 out[s : s + chunk] = low @ weights[0::2] + high @ weights[1::2] + offset
         return out
 
+    @functools.cached_property
     def _affine(self) -> tuple[int, np.ndarray, np.ndarray] | None:
         """(levels, vmin [d], vdiff [d]) for a trained 8- or 4-bit scalar quantiser, else None."""
-        if not hasattr(self, "_affine_cache"):
-            self._affine_cache = None
-            index = faiss.downcast_index(self.index)
-            if isinstance(index, faiss.IndexScalarQuantizer) and self.is_trained:
-                sq = index.sq
-                qt = faiss.ScalarQuantizer
-                levels = {qt.QT_8bit: 255, qt.QT_8bit_uniform: 255, qt.QT_4bit: 15, qt.QT_4bit_uniform: 15}
-                if sq.qtype in levels:
-                    trained = faiss.vector_to_array(sq.trained).astype(np.float32)
-                    half = len(trained) // 2
-                    vmin = np.broadcast_to(trained[:half], (self.dim,)).astype(np.float32)
-                    vdiff = np.broadcast_to(trained[half:], (self.dim,)).astype(np.float32)
-                    self._affine_cache = (levels[sq.qtype], vmin, vdiff)
-        return self._affine_cache
+        index = faiss.downcast_index(self.index)
+        if not (isinstance(index, faiss.IndexScalarQuantizer) and self.is_trained):
+            return None
+        qt = faiss.ScalarQuantizer
+        levels = {qt.QT_8bit: 255, qt.QT_8bit_uniform: 255, qt.QT_4bit: 15, qt.QT_4bit_uniform: 15}
+        if index.sq.qtype not in levels:
+            return None
+        trained = faiss.vector_to_array(index.sq.trained).astype(np.float32)
+        half = len(trained) // 2  # [vmin, vdiff], per dimension or one of each (uniform)
+        vmin = np.broadcast_to(trained[:half], (self.dim,)).astype(np.float32)
+        vdiff = np.broadcast_to(trained[half:], (self.dim,)).astype(np.float32)
+        return levels[index.sq.qtype], vmin, vdiff
 
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self.index).tobytes()

@@ -153,7 +153,7 @@ def test_rerank_scores_on_codes_equal_scores_on_decoded_vectors(tmp_path, rng, c
     store.close()
     store = VectorStore(tmp_path, cfg(patch_codec=codec))
     assert store.codec.is_trained
-    assert (store.codec._affine() is not None) == on_codes
+    assert (store.codec._affine is not None) == on_codes
     words = unit(rng.normal(size=(5, D)))
     codes = np.concatenate([store.codec.encode(it.vectors) for it in items])
     np.testing.assert_allclose(store.codec.inner_products(codes, words), store.codec.decode(codes) @ words.T, atol=1e-5)
