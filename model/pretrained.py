@@ -141,7 +141,6 @@ _VIT_LAYER = {  # HF ViT and DeiT
     "intermediate.dense": "fc1",
     "output.dense": "fc2",
 }
-_BEIT_LAYER = {**_VIT_LAYER}  # the same names; no key bias, LayerScale as lambda_1/2, a bias table
 _DINOV2_LAYER = {
     "attention.attention.query": "q",
     "attention.attention.key": "k",
@@ -222,7 +221,7 @@ def beit_rel_pos_bias(hf: dict) -> str:
     return "per_layer" if per_layer else "shared" if shared else "none"
 
 
-def vision_config_from_hf(folder: Path, image_size: int | None = None, depth: int | None = None) -> VisionConfig:
+def vision_config_from_hf(folder: Path, image_size: int | None = None) -> VisionConfig:
     """The VisionConfig that holds a local HF ViT / DeiT / BEiT / DINOv2 checkpoint as it is, with
     the normalisation its image processor asks for (BEiT uses 0.5/0.5, not ImageNet's)."""
     hf = json.loads((Path(folder) / "config.json").read_text())
@@ -243,7 +242,7 @@ def vision_config_from_hf(folder: Path, image_size: int | None = None, depth: in
         image_size=image_size or hf.get("image_size", 224),
         patch_size=hf.get("patch_size", 16),
         width=hf["hidden_size"],
-        depth=depth or hf.get("num_hidden_layers", 12),
+        depth=hf.get("num_hidden_layers", 12),
         heads=hf["num_attention_heads"],
         mlp_ratio=hf.get("mlp_ratio", hf.get("intermediate_size", 4 * hf["hidden_size"]) / hf["hidden_size"]),
         layer_scale_init=layer_scale,
@@ -274,7 +273,9 @@ def load_hf_vision(vision: VisionTransformer, folder: Path) -> None:
             raise ValueError(
                 f"{folder}: a BEiT with rel_pos_bias={wanted!r}; the vision config has {vision.cfg.rel_pos_bias!r}"
             )
-        load_vision_state(vision, _strip_prefix(sd, ("beit.",)), _BEIT_LAYER, "layernorm")
+        # ViT's layer names; load_vision_state handles what BEiT adds or leaves out (no key bias,
+        # LayerScale as lambda_1/2, no absolute positions, the relative position tables)
+        load_vision_state(vision, _strip_prefix(sd, ("beit.",)), _VIT_LAYER, "layernorm")
     else:
         raise ValueError(f"{folder}: model_type {model_type!r} is not supported (vit, deit, beit, dinov2)")
 
