@@ -116,10 +116,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return error_response(413, "request_too_large", f"request body of {length} bytes, limit {body_limit}")
         start = time.perf_counter()
         state.active_requests += 1
+        metrics.IN_FLIGHT.inc()
         try:
             response = await call_next(request)
         finally:
             state.active_requests -= 1
+            metrics.IN_FLIGHT.dec()
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()

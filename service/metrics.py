@@ -17,6 +17,7 @@ STAGE_LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "emkum_batch_size", "Inputs per encoder batch", ["encoder"], buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
+IN_FLIGHT = Gauge("emkum_requests_in_flight", "HTTP requests being served right now")
 QUEUE_DEPTH = Gauge("emkum_queue_depth", "Inputs waiting for an encoder", ["encoder"])
 QUEUE_REJECTIONS = Counter("emkum_queue_rejections_total", "Requests refused because a queue was full", ["encoder"])
 ITEMS = Gauge("emkum_index_items", "Items in the index")

@@ -80,6 +80,7 @@ def test_grafana_dashboard_covers_the_metrics():
         "emkum_stage_seconds_bucket",
         "emkum_batch_size",
         "emkum_queue_depth",
+        "emkum_requests_in_flight",
         "emkum_index_items",
         "emkum_errors_total",
     ):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
+import socket
+import time
 
 import httpx
 import pytest
@@ -241,6 +243,8 @@ def test_texts_of_one_request_batch_together_and_rerank_depth_defaults_to_the_mo
 
 
 def test_metrics_are_valid_exposition(client):
+    # An item to rerank, so the test does not depend on others having filled the shared index.
+    assert client.post("/items", files=files(jpeg(77)), data={"ids": ["metrics-item"]}).status_code == 200
     client.post("/search/text", json={"query": "a dog"})
     fams = metric_samples(client)
     for name in (
@@ -248,6 +252,7 @@ def test_metrics_are_valid_exposition(client):
         "emkum_request_seconds",
         "emkum_stage_seconds",
         "emkum_queue_depth",
+        "emkum_requests_in_flight",
         "emkum_index_items",
         "emkum_errors",
         "emkum_model_info",
@@ -325,12 +330,41 @@ def test_kill_9_during_indexing_keeps_every_acknowledged_item(tiny_model_dir, tm
         assert r.json()["results"][0]["id"] == "a0" or "a0" not in acked
 
 
+def in_flight(c: httpx.Client) -> float:
+    """The server's own count of requests being served (this /metrics request included)."""
+    return metric_samples(c)["emkum_requests_in_flight"].samples[0].value
+
+
+@contextlib.contextmanager
+def half_sent_upload(url: str):
+    """An upload whose body never finishes arriving: the server counts it as in flight, so the batchers
+    expect company and hold a lone input for up to max_wait_ms."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /embed/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 100000\r\n\r\n--b\r\n"
+        )
+        yield
+
+
 def test_request_timeout_answers_504_and_the_server_recovers(tiny_model_dir, tmp_path):
-    settings = {"request_timeout_s": 0.000001, "max_wait_ms": 50}
+    # The encoder answers only after max_wait_ms (3 s) while another request is in flight; the timeout is 0.5 s.
+    settings = {"request_timeout_s": 0.5, "max_wait_ms": 3000}
     with running_server(tiny_model_dir, tmp_path / "d", tmp_path, **settings) as srv, srv.client() as c:
-        r = c.post("/embed/text", json={"texts": ["a dog"]})
-        assert r.status_code == 504 and error_of(r) == "timeout"
-        assert c.get("/healthz").status_code == 200
+        with half_sent_upload(srv.url):
+            deadline = time.monotonic() + 10
+            while in_flight(c) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert in_flight(c) == 2
+            r = c.post("/embed/text", json={"texts": ["a dog"]})
+            assert r.status_code == 504 and error_of(r) == "timeout"
+            assert "0.5 s" in r.json()["error"]["message"]
+            assert c.get("/healthz").status_code == 200
+        time.sleep(3)  # the held batch (its only input abandoned) runs and is dropped
+        assert in_flight(c) == 1
+        r = c.post("/embed/text", json={"texts": ["a dog"]})  # alone now: encoded at once, well inside 0.5 s
+        assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
         assert c.get("/readyz").status_code == 200
 
 
