@@ -357,11 +357,17 @@ def test_request_timeout_answers_504_and_the_server_recovers(tiny_model_dir, tmp
             while in_flight(c) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert in_flight(c) == 2
+            submitted = time.monotonic()
             r = c.post("/embed/text", json={"texts": ["a dog"]})
             assert r.status_code == 504 and error_of(r) == "timeout"
             assert "0.5 s" in r.json()["error"]["message"]
             assert c.get("/healthz").status_code == 200
-        time.sleep(3)  # the held batch (its only input abandoned) runs and is dropped
+        # The held batch (its only input abandoned) runs after max_wait_ms and is dropped; the closed
+        # upload ends with its connection.
+        time.sleep(max(0.0, submitted + 3.5 - time.monotonic()))
+        deadline = time.monotonic() + 10
+        while in_flight(c) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert in_flight(c) == 1
         r = c.post("/embed/text", json={"texts": ["a dog"]})  # alone now: encoded at once, well inside 0.5 s
         assert r.status_code == 200 and len(r.json()["embeddings"]) == 1
