@@ -6,8 +6,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import json
+import re
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -240,6 +242,14 @@ def test_texts_of_one_request_batch_together_and_rerank_depth_defaults_to_the_mo
     assert client.post("/search/text", json={"query": "a dog"}).json()["candidates"] == 20  # model.json's
     assert client.post("/search/text", json={"query": "a dog", "candidates": 50}).json()["candidates"] == 50
     assert client.post("/search/text", json={"query": "a dog", "k": 30}).json()["candidates"] == 30  # >= k
+
+
+def test_readme_lists_exactly_the_metrics_the_service_exposes(client):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(emkum_[a-z_]+)` \|", readme, flags=re.M))
+    text = client.get("/metrics").text  # TYPE lines: every family, observed yet or not
+    exposed = {n for n in re.findall(r"^# TYPE (emkum_[a-z_]+) ", text, flags=re.M) if not n.endswith("_created")}
+    assert documented == exposed
 
 
 def test_metrics_are_valid_exposition(client):
