@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sqlite3
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,23 +28,10 @@ import numpy as np
 
 from index.cmli import cmli_from_similarities, split_similarities
 from index.codecs import PatchCodec
+from index.database import is_write_refusal, open_database
 from index.errors import CorruptStoreFile, ReadOnlyStore, StoreMismatch, UnknownItem
 from index.pooling import pool_patches
-
-SNAPSHOT_MAGIC = b"EMKUMCLS1"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
-CREATE TABLE IF NOT EXISTS items (
-    iid INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    metadata TEXT NOT NULL,
-    cls BLOB NOT NULL,
-    codes BLOB NOT NULL,
-    n_vectors INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, iid INTEGER NOT NULL);
-"""
-
+from index.snapshot import UnreadableSnapshot, read_snapshot, write_snapshot
 
 DEFAULT_PATCH_CODEC = "SQ8"
 
@@ -88,11 +72,6 @@ class ItemInput:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _is_write_refusal(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return any(s in text for s in ("readonly", "read-only", "disk is full", "disk i/o", "unable to open"))
-
-
 class VectorStore:
     def __init__(self, path: str | Path, config: StoreConfig) -> None:
         self.path = Path(path)
@@ -101,8 +80,9 @@ class VectorStore:
         self.db_path = self.path / "items.sqlite"
         self.snapshot_path = self.path / "cls.faiss"
         self._lock = threading.RLock()
-        self.read_only = False  # set when the directory refuses writes: search serves what it holds
-        self._db = self._open_db()
+        # A directory that refuses writes opens read-only: search serves what it holds.
+        self._db, self.read_only_reason = open_database(self.db_path)
+        self.read_only = self.read_only_reason is not None
         self._check_meta()
         self.codec = self._load_codec()
         self._staging = PatchCodec("SQfp16", config.dim)  # rows are fp16 until `codec` is trained
@@ -115,44 +95,6 @@ class VectorStore:
         self._load_items()
         self._cls = self._load_cls_index()
         self._changes_since_snapshot = 0
-
-    # -- opening --------------------------------------------------------------------------------
-    def _open_db(self) -> sqlite3.Connection:
-        writable = os.access(self.path, os.W_OK) and (not self.db_path.exists() or os.access(self.db_path, os.W_OK))
-        if self.db_path.is_file() and not writable:  # a read-only mount or permissions
-            return self._open_db_read_only(f"{self.path} is not writable")
-        try:
-            db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(SCHEMA)
-        except sqlite3.OperationalError as exc:
-            if self.db_path.is_file() and _is_write_refusal(exc):
-                return self._open_db_read_only(exc)  # a refusal os.access did not foresee
-            raise CorruptStoreFile(f"{self.db_path}: cannot open the item database ({exc})") from exc
-        except sqlite3.DatabaseError as exc:
-            raise CorruptStoreFile(f"{self.db_path}: cannot open the item database ({exc})") from exc
-        return db
-
-    def _open_db_read_only(self, why: object) -> sqlite3.Connection:
-        """A read-only directory or file: serve what it holds. `mode=ro` reads the WAL too, which a
-        writer that died leaves behind with its -shm file. After a clean shutdown both are gone and
-        everything is in the main file; then only `immutable=1` opens a WAL database in a directory
-        SQLite may not create its -shm file in. immutable ignores any WAL, so it is used only when
-        there is none: otherwise acknowledged writes would be silently missing."""
-        self.read_only, self.read_only_reason = True, str(why)
-        uri = self.db_path.resolve().as_uri()
-        wal = self.db_path.with_name(self.db_path.name + "-wal")
-        modes = ["mode=ro"] + ([] if wal.exists() and wal.stat().st_size else ["immutable=1"])
-        errors = []
-        for mode in modes:
-            try:
-                db = sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False, isolation_level=None)
-                db.execute("SELECT COUNT(*) FROM items").fetchone()
-                return db
-            except sqlite3.DatabaseError as exc:
-                errors.append(f"{mode}: {exc}")
-        raise CorruptStoreFile(f"{self.db_path}: cannot open the item database read-only ({why}; {'; '.join(errors)})")
 
     def check_writable(self) -> None:
         """Refuse a write up front (ReadOnlyStore) when the store was opened read-only."""
@@ -301,29 +243,11 @@ class VectorStore:
     def _read_snapshot(self) -> tuple[int, faiss.Index | None]:
         if not self.snapshot_path.is_file():
             return 0, None
-        data = self.snapshot_path.read_bytes()
         try:
-            if not data.startswith(SNAPSHOT_MAGIC):
-                raise ValueError("bad magic")
-            (hlen,) = struct.unpack("<I", data[len(SNAPSHOT_MAGIC) : len(SNAPSHOT_MAGIC) + 4])
-            start = len(SNAPSHOT_MAGIC) + 4
-            header = json.loads(data[start : start + hlen])
-            body = data[start + hlen :]
-            if zlib.crc32(body) != header["crc32"]:
-                raise ValueError("checksum mismatch")
-            if header["dim"] != self.config.dim or header["factory"] != self.config.cls_factory:
-                raise StoreMismatch(
-                    f"{self.snapshot_path}: snapshot for dim={header['dim']} factory={header['factory']!r}, "
-                    f"this store has dim={self.config.dim} factory={self.config.cls_factory!r}"
-                )
-            index = faiss.deserialize_index(np.frombuffer(body, dtype=np.uint8))
-        except StoreMismatch:
-            raise
-        except (ValueError, KeyError, RuntimeError, struct.error) as exc:
-            # The snapshot is only a cache of items.sqlite: rebuild rather than refuse to start.
+            return read_snapshot(self.snapshot_path, self.config.dim, self.config.cls_factory)
+        except UnreadableSnapshot as exc:  # only a cache of items.sqlite: rebuild rather than refuse to start
             self.snapshot_warning = f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
             return 0, None
-        return int(header["seq"]), index
 
     def snapshot(self) -> None:
         """Write the CLS index with the change sequence it contains; atomic by rename."""
@@ -333,22 +257,8 @@ class VectorStore:
                 return
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
             index = faiss.index_gpu_to_cpu(self._cls) if self.gpu else self._cls
-            body = faiss.serialize_index(index).tobytes()
-            header = json.dumps(
-                {
-                    "seq": seq,
-                    "dim": self.config.dim,
-                    "factory": self.config.cls_factory,
-                    "crc32": zlib.crc32(body),
-                }
-            ).encode()
-            tmp = self.snapshot_path.with_suffix(".tmp")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(SNAPSHOT_MAGIC + struct.pack("<I", len(header)) + header + body)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.snapshot_path)
+                write_snapshot(self.snapshot_path, index, seq, self.config.dim, self.config.cls_factory)
             except OSError as exc:
                 raise ReadOnlyStore(f"cannot write {self.snapshot_path}: {exc.strerror}") from exc
             self._db.execute("DELETE FROM changes WHERE seq <= ?", (seq,))
@@ -418,7 +328,7 @@ class VectorStore:
         except sqlite3.OperationalError as exc:
             with contextlib.suppress(sqlite3.OperationalError):
                 self._db.execute("ROLLBACK")
-            if _is_write_refusal(exc):
+            if is_write_refusal(exc):
                 raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
             raise
 
