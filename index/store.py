@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.cls_index import ClsIndex
 from index.cmli import cmli_from_similarities, split_similarities
 from index.codecs import PatchCodec
 from index.database import is_write_refusal, open_database
@@ -89,9 +89,6 @@ class VectorStore:
         self._iid_of: dict[str, int] = {}
         self._id_of: dict[int, str] = {}
         self._codes: dict[int, np.ndarray] = {}
-        self._tombstones: set[int] = set()
-        self._pending: dict[int, np.ndarray] = {}  # CLS vectors waiting for the index to be trained
-        self.gpu = False
         self._load_items()
         self._cls = self._load_cls_index()
         self._changes_since_snapshot = 0
@@ -159,85 +156,28 @@ class VectorStore:
                 )
             self._codes[iid] = arr.reshape(n, code_size)
 
-    def _new_cls_index(self) -> faiss.Index:
-        # IVF indexes carry ids themselves; IDMap2's removal assumes an order-preserving inner
-        # index, which IVF is not (FAISS asserts), so only the others are wrapped.
-        factory = self.config.cls_factory
-        prefix = "" if factory.startswith("IVF") else "IDMap2,"
-        return faiss.index_factory(self.config.dim, prefix + factory, faiss.METRIC_INNER_PRODUCT)
-
-    @staticmethod
-    def _stored_ids(index: faiss.Index) -> set[int]:
-        if hasattr(index, "id_map"):
-            return set(faiss.vector_to_array(index.id_map).tolist())
-        ivf = faiss.extract_index_ivf(index)
-        lists = ivf.invlists
-        out: set[int] = set()
-        for list_no in range(ivf.nlist):
-            size = lists.list_size(list_no)
-            if size:
-                out.update(faiss.rev_swig_ptr(lists.get_ids(list_no), size).tolist())
-        return out
-
-    def _training_size(self) -> int:
-        m = re.search(r"IVF(\d+)", self.config.cls_factory)
-        need = 39 * int(m.group(1)) if m else 1
-        return max(need, 256 * 39 if "PQ" in self.config.cls_factory else 1)
-
-    def _load_cls_index(self) -> faiss.Index:
-        snap_seq, index = self._read_snapshot()
-        if index is None:
-            index, snap_seq = self._new_cls_index(), 0
+    def _load_cls_index(self) -> ClsIndex:
+        snap_seq, snapshot = self._read_snapshot()
+        cls = ClsIndex(self.config.dim, self.config.cls_factory, snapshot)
+        if snapshot is None:
             rows = self._db.execute("SELECT iid, cls FROM items ORDER BY iid")
-            self._index_add(index, [(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
+            cls.add([(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
         else:
             for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)):
                 if op == "del":
-                    self._index_remove(index, iid)
+                    cls.remove(iid)
                 else:
                     row = self._db.execute("SELECT cls FROM items WHERE iid = ?", (iid,)).fetchone()
                     if row is not None:
-                        self._index_add(index, [(iid, np.frombuffer(row[0], dtype=np.float32))])
-            live = set(self._codes)
-            self._tombstones |= self._stored_ids(index) - live
-        return self._maybe_to_gpu(index)
+                        cls.add([(iid, np.frombuffer(row[0], dtype=np.float32))])
+            cls.hide_all_but(set(self._codes))
+        if self.config.use_gpu:
+            cls.place_on_gpu()
+        return cls
 
-    def _maybe_to_gpu(self, index: faiss.Index) -> faiss.Index:
-        if not self.config.use_gpu or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-            return index
-        try:
-            self._gpu_res = faiss.StandardGpuResources()
-            gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
-        except RuntimeError:  # this index type has no GPU version: stay on the CPU
-            return index
-        self.gpu = True
-        return gpu_index
-
-    # -- CLS index helpers ----------------------------------------------------------------------
-    def _index_add(self, index: faiss.Index, rows: list[tuple[int, np.ndarray]]) -> None:
-        if not rows:
-            return
-        if not index.is_trained:
-            self._pending.update(rows)
-            if len(self._pending) < self._training_size():
-                return
-            iids = np.fromiter(self._pending, dtype=np.int64)
-            vecs = np.stack([self._pending[i] for i in iids]).astype(np.float32)
-            index.train(vecs)
-            self._pending.clear()
-            index.add_with_ids(vecs, iids)
-            return
-        iids = np.array([r[0] for r in rows], dtype=np.int64)
-        index.add_with_ids(np.stack([r[1] for r in rows]).astype(np.float32), iids)
-
-    def _index_remove(self, index: faiss.Index, iid: int) -> None:
-        if self._pending.pop(iid, None) is not None:
-            return
-        # HNSW graphs cannot remove vectors (FAISS aborts rather than raising): hide the id instead;
-        # it disappears for good when the index is next rebuilt from the table.
-        removed = 0 if "HNSW" in self.config.cls_factory else index.remove_ids(np.array([iid], dtype=np.int64))
-        if not removed:
-            self._tombstones.add(iid)
+    @property
+    def gpu(self) -> bool:
+        return self._cls.gpu
 
     # -- snapshots ------------------------------------------------------------------------------
     def _read_snapshot(self) -> tuple[int, faiss.Index | None]:
@@ -253,10 +193,10 @@ class VectorStore:
         """Write the CLS index with the change sequence it contains; atomic by rename."""
         with self._lock:
             self.check_writable()
-            if self._pending:  # untrained index: the pending vectors are replayed from the log
+            index = self._cls.snapshot_view()
+            if index is None:  # untrained index: the pending vectors are replayed from the log
                 return
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
-            index = faiss.index_gpu_to_cpu(self._cls) if self.gpu else self._cls
             try:
                 write_snapshot(self.snapshot_path, index, seq, self.config.dim, self.config.cls_factory)
             except OSError as exc:
@@ -300,7 +240,7 @@ class VectorStore:
                 self._iid_of[item_id] = iid
                 self._id_of[iid] = item_id
                 self._codes[iid] = codes
-            self._index_add(self._cls, [(iid, cls) for _, iid, _, cls in added])
+            self._cls.add([(iid, cls) for _, iid, _, cls in added])
             self._after_change(len(items))
             if not self.codec.is_trained and self._staged_vectors() >= self._training_need():
                 self._train_and_reencode()
@@ -339,7 +279,7 @@ class VectorStore:
     def _forget(self, iid: int) -> None:
         self._codes.pop(iid, None)
         self._id_of.pop(iid, None)
-        self._index_remove(self._cls, iid)
+        self._cls.remove(iid)
 
     def _after_change(self, n: int) -> None:
         self._changes_since_snapshot += n
@@ -410,10 +350,9 @@ class VectorStore:
         """Items in each structure; equal in a consistent store."""
         with self._lock:
             rows = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-            in_index = self._cls.ntotal + len(self._pending) - len(self._tombstones)
             return {
                 "metadata": rows,
-                "cls": int(in_index),
+                "cls": len(self._cls),
                 "patches": len(self._codes),
                 "ids": len(self._iid_of),
             }
@@ -464,7 +403,7 @@ class VectorStore:
         timings = {} if timings is None else timings
         start = time.perf_counter()
         with self._lock:
-            iids, cls_scores = self._cls_search(query_cls, candidates)
+            iids, cls_scores = self._cls.search(query_cls, candidates)
             codes = [self._codes[i] for i in iids]
             codec = self._active  # the codec these codes are in, even if a re-encode follows
             names = [self._id_of[int(i)] for i in iids]
@@ -495,24 +434,6 @@ class VectorStore:
             )
             for i in order
         ]
-
-    def _cls_search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
-        iids, scores = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        if self._cls.ntotal:
-            fetch = min(n + len(self._tombstones), self._cls.ntotal)
-            s, i = self._cls.search(q, fetch)
-            keep = i[0] >= 0  # -1 pads a short IVF result
-            if self._tombstones:  # only HNSW deletions leave any
-                keep &= ~np.isin(i[0], np.fromiter(self._tombstones, dtype=np.int64))
-            iids, scores = i[0][keep], s[0][keep]
-        if self._pending:  # not yet trained: exact search over the waiting vectors
-            p_iids = np.fromiter(self._pending, dtype=np.int64)
-            p_scores = np.stack([self._pending[x] for x in p_iids]) @ q[0]
-            iids, scores = np.concatenate([iids, p_iids]), np.concatenate([scores, p_scores])
-            order = np.argsort(-scores, kind="stable")
-            iids, scores = iids[order], scores[order]
-        return iids[:n], scores[:n].astype(np.float32)
 
     def _metadata(self, iids: list[int]) -> dict[int, dict]:
         if not iids:

@@ -335,3 +335,27 @@ def test_codec_and_pooling_left_open_follow_the_directory(tmp_path, rng):
     reopened.close()
     with pytest.raises(StoreMismatch, match="patch_codec='SQfp16'"):
         VectorStore(tmp_path / "old", cfg(patch_codec="SQ4"))
+
+
+def test_cls_index_searches_before_training_and_hides_hnsw_deletions(rng):
+    from index.cls_index import ClsIndex
+
+    vecs = unit(rng.normal(size=(200, D))).astype(np.float32)
+    ivf = ClsIndex(D, "IVF4,Flat")  # trains once it holds 4 x 39 vectors
+    ivf.add([(i, vecs[i]) for i in range(100)])
+    assert not ivf.index.is_trained and len(ivf) == 100 and ivf.snapshot_view() is None
+    ids, scores = ivf.search(vecs[7], 3)
+    assert ids[0] == 7 and scores[0] == pytest.approx(1.0, abs=1e-5)  # exact over the waiting vectors
+    ivf.remove(7)
+    assert 7 not in ivf.search(vecs[7], 3)[0]
+    ivf.add([(i, vecs[i]) for i in range(100, 200)])
+    assert ivf.index.is_trained and ivf.index.ntotal == 199 and not ivf.pending
+    assert ivf.snapshot_view() is ivf.index
+
+    hnsw = ClsIndex(D, "HNSW16")
+    hnsw.add([(i, vecs[i]) for i in range(50)])
+    hnsw.remove(3)  # HNSW cannot remove: the id is hidden instead
+    assert hnsw.index.ntotal == 50 and len(hnsw) == 49
+    assert 3 not in hnsw.search(vecs[3], 10)[0]
+    hnsw.hide_all_but(set(range(40)) - {3})
+    assert len(hnsw) == 39 and not set(hnsw.search(vecs[45], 50)[0]) & set(range(40, 50))
