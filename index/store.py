@@ -62,6 +62,8 @@ class SearchHit:
     cmli_score: float | None
     metadata: dict[str, Any]
     matches: list[int] | None = None  # per query token: the candidate vector it matched best
+    # explain: [query words, item vectors] similarities, the heatmap of each word over the image
+    similarities: np.ndarray | None = None
 
 
 @dataclass
@@ -411,10 +413,11 @@ class VectorStore:
         if len(iids) == 0:
             return []
         start = time.perf_counter()
-        cmli = matches = None
+        cmli = matches = sim = words = None
         final = cls_scores.copy()
-        if rerank and query_tokens is not None and query_mask is not None:
+        if query_tokens is not None and query_mask is not None:
             words = np.asarray(query_tokens, dtype=np.float32)[np.asarray(query_mask).astype(bool)]
+        if rerank and words is not None:
             flat = codec.inner_products(np.concatenate(codes), words)  # on the codes, no decode
             sim, valid = split_similarities(flat, [len(c) for c in codes])
             cmli, matches = cmli_from_similarities(sim, query_mask, valid, with_matches=explain)
@@ -422,6 +425,11 @@ class VectorStore:
         order = np.argsort(-final, kind="stable")[:k]
         if cmli is not None:
             timings["rerank"] = time.perf_counter() - start
+        heatmaps: dict[int, np.ndarray] = {}
+        if explain and words is not None:  # the returned items' similarities: reused from the rerank
+            for i in order:
+                rows = sim[i, : len(codes[i])] if sim is not None else codec.inner_products(codes[i], words)
+                heatmaps[int(i)] = np.ascontiguousarray(rows.T)
         meta = self._metadata([int(iids[i]) for i in order])
         return [
             SearchHit(
@@ -431,6 +439,7 @@ class VectorStore:
                 cmli_score=None if cmli is None else float(cmli[i]),
                 metadata=meta.get(int(iids[i]), {}),
                 matches=matches[i].tolist() if (explain and matches is not None) else None,
+                similarities=heatmaps.get(int(i)),
             )
             for i in order
         ]

@@ -102,6 +102,17 @@ def test_rerank_matches_bruteforce_cmli(tmp_path, rng):
         assert best.matches[j] == int(np.argmax(vecs @ q_tok[j]))
 
 
+@pytest.mark.parametrize("rerank", [True, False])
+def test_explain_returns_each_words_similarities_over_the_items_vectors(tmp_path, rng, rerank):
+    store = VectorStore(tmp_path, cfg(patch_codec="SQ8", codec_training_vectors=200))
+    store.add([item(rng, f"i{n}", n=int(rng.integers(3, 20))) for n in range(40)])  # ragged, trained SQ8
+    q_tok, q_mask = unit(rng.normal(size=(6, D))), np.array([0, 1, 1, 0, 1, 0])
+    hits = store.search(unit(rng.normal(size=D)), q_tok, q_mask, k=5, candidates=20, rerank=rerank, explain=True)
+    for h in hits:  # from the codes the rerank already scored, equal to the decoded vectors' products
+        np.testing.assert_allclose(h.similarities, q_tok[[1, 2, 4]] @ store.vectors(h.id).T, atol=1e-4)
+    assert all(h.similarities is None for h in store.search(unit(rng.normal(size=D)), q_tok, q_mask, k=5))
+
+
 def test_fusion_weight_one_is_cls_order(tmp_path, rng):
     store = VectorStore(tmp_path, cfg())
     store.add([item(rng, f"i{n}") for n in range(30)])

@@ -48,9 +48,8 @@ async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, 
             "cmli_score": h.cmli_score,
             "metadata": h.metadata,
         }
-        if explain and q_tok is not None:
-            vectors = state.store.vectors(h.id)
-            sims = q_tok[keep] @ vectors.T  # [words, patches]: the heatmap of each word
+        if explain and h.similarities is not None:
+            sims = h.similarities  # [words, patches]: the heatmap of each word
             labels = [w for w, k_ in zip(words, keep, strict=False) if k_] if words else list(range(len(sims)))
             row["matches"] = [
                 {
