@@ -1,0 +1,123 @@
+"""The pieces of one CMLI rerank at K = 100, on one core, in process, and the alternatives tried for
+them: `python benchmarks/rerank_kernels.py` -> benchmarks/results/rerank_kernels.json.
+
+Why: the rerank's cost decides whether it can stay on by default (docs/evidence.md). This times
+what the store runs (`PatchCodec.inner_products` on SQ8 and SQ4 codes, `cmli_from_similarities`)
+and, so the choices can be checked, the ways not taken: reducing over the strided middle axis, an
+ONNX Runtime int8 GEMM (MatMulIntegerToFloat) with the query weights quantised to int8, and a byte
+lookup table that unpacks SQ4 nibbles.
+
+Random codes and queries: the cost does not depend on the values (the int8 error does, a little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.machine import describe, record, write_report  # noqa: E402
+from index import one_thread_per_search  # noqa: E402
+from index.cmli import cmli_from_similarities  # noqa: E402
+from index.codecs import PatchCodec  # noqa: E402
+
+DIM, CANDIDATES, WORDS = 256, 100, 8
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1000, 3)
+
+
+def int8_gemm(codes: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
+    """uint8 codes x int8 weights -> float in ONNX Runtime (MLAS), weights quantised per column."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = [("c", TensorProto.UINT8, [None, codes.shape[1]]), ("w", TensorProto.INT8, [codes.shape[1], None])]
+    inputs += [("a_scale", TensorProto.FLOAT, []), ("w_scale", TensorProto.FLOAT, [None])]
+    inputs += [("a_zero", TensorProto.UINT8, []), ("w_zero", TensorProto.INT8, [None])]
+    node = helper.make_node("MatMulIntegerToFloat", [n for n, _, _ in inputs], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node],
+        "int8_gemm",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    scale = (np.abs(weights).max(axis=0) / 127).astype(np.float32)
+    feed = {
+        "c": codes,
+        "w": np.round(weights / scale).astype(np.int8),
+        "a_scale": np.array(1, np.float32),
+        "w_scale": scale,
+        "a_zero": np.array(0, np.uint8),
+        "w_zero": np.zeros(len(scale), np.int8),
+    }
+    return lambda: session.run(None, feed)[0]
+
+
+def measure(
+    codec_name: str, vectors: int, words: np.ndarray, mask: np.ndarray, repeats: int, rng: np.random.Generator
+) -> dict:
+    train = rng.standard_normal((20_000, DIM)).astype(np.float32)
+    codec = PatchCodec(codec_name, DIM)
+    codec.train(train / np.linalg.norm(train, axis=1, keepdims=True))
+    codes = rng.integers(0, 256, (CANDIDATES * vectors, codec.code_size), dtype=np.uint8)
+    sim = codec.inner_products(codes, words).reshape(CANDIDATES, vectors, WORDS)
+    row = {
+        "codec": codec_name,
+        "vectors_per_item": vectors,
+        "inner_products_ms": median_ms(lambda: codec.inner_products(codes, words), repeats),
+        "cmli_max_contiguous_ms": median_ms(lambda: cmli_from_similarities(sim, mask, None, False), repeats),
+        "cmli_max_strided_axis_ms": median_ms(lambda: sim.max(axis=1).mean(axis=1), repeats),
+    }
+    if codec_name == "SQ8":
+        exact = codes.astype(np.float32) @ words.T
+        gemm = int8_gemm(codes, np.ascontiguousarray(words.T))
+        row["onnxruntime_int8_gemm_ms"] = median_ms(gemm, repeats)
+        row["onnxruntime_int8_gemm_max_error_vs_largest"] = round(
+            float(np.abs(gemm() - exact).max() / np.abs(exact).max()), 4
+        )
+    else:
+        table = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float32)
+        weights = rng.standard_normal((DIM, WORDS)).astype(np.float32)
+        row["sq4_nibble_lookup_table_ms"] = median_ms(
+            lambda: np.take(table, codes, axis=0).reshape(len(codes), DIM) @ weights, repeats
+        )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rerank_kernels.json")
+    args = ap.parse_args()
+    one_thread_per_search()  # as the service runs each search
+    rng = np.random.default_rng(0)
+    words = rng.standard_normal((WORDS, DIM)).astype(np.float32)
+    mask = np.array([0] + [1] * WORDS + [0])
+    report: dict = {"machine": describe(), "candidates": CANDIDATES, "words": WORDS, "dim": DIM, "rows": []}
+    for codec_name, vectors in (("SQ8", 256), ("SQ4", 64)):  # unpooled default; 2x2 pooled SQ4
+        record(report, measure(codec_name, vectors, words, mask, args.repeats, rng))
+    write_report(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
