@@ -71,7 +71,7 @@ def main() -> None:
     exact_top10 = []
     for q in queries:
         cand = np.argsort(-(cls @ q.cls))[:100]
-        scores, _ = rerank_cmli(q.tokens, q.mask, exact_patches[cand])
+        scores = rerank_cmli(q.tokens, q.mask, exact_patches[cand])
         exact_top10.append(set(cand[np.argsort(-scores)[:10]].tolist()))
     report = {"machine": describe(), "model": card["name"], "images": len(pairs), "queries": len(queries), "rows": []}
     for pool, codec, first in VARIANTS:

@@ -77,9 +77,9 @@ def codec_quality(n_items: int, n_queries: int, codecs: list[str], rng) -> dict:
         for q_cls, tokens in qs:
             _, cand = flat.search(q_cls[None], 100)
             cand = cand[0]
-            exact, _ = rerank_cmli(tokens, mask, patches[cand])
+            exact = rerank_cmli(tokens, mask, patches[cand])
             decoded = codec.decode(codes[cand].reshape(-1, codec.code_size)).reshape(len(cand), N_PATCH, D)
-            approx, _ = rerank_cmli(tokens, mask, decoded)
+            approx = rerank_cmli(tokens, mask, decoded)
             overlaps.append(len(set(cand[np.argsort(-exact)[:10]]) & set(cand[np.argsort(-approx)[:10]])) / 10)
         results[name] = {
             "bytes_per_item": int(codes[0].nbytes),
@@ -125,7 +125,7 @@ def latency(
             t1 = time.perf_counter()
             # the store's path: scored on the codes (SQ) or decoded once (others), then CMLI
             sims = codec.inner_products(codes[cand[0]].reshape(-1, codec.code_size), tokens)
-            cmli_from_similarities(sims.reshape(k, n_vectors, -1), np.ones(WORDS), with_matches=False)
+            cmli_from_similarities(sims.reshape(k, n_vectors, -1), np.ones(WORDS))
             t2 = time.perf_counter()
             ann.append(t1 - t0)
             rer.append(t2 - t1)

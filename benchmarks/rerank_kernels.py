@@ -85,7 +85,7 @@ def measure(
         "codec": codec_name,
         "vectors_per_item": vectors,
         "inner_products_ms": median_ms(lambda: codec.inner_products(codes, words), repeats),
-        "cmli_max_contiguous_ms": median_ms(lambda: cmli_from_similarities(sim, mask, None, False), repeats),
+        "cmli_max_contiguous_ms": median_ms(lambda: cmli_from_similarities(sim, mask), repeats),
         "cmli_max_strided_axis_ms": median_ms(lambda: sim.max(axis=1).mean(axis=1), repeats),
     }
     if codec_name == "SQ8":

@@ -9,11 +9,9 @@ import numpy as np
 
 def rerank_cmli(
     query_tokens: np.ndarray, query_mask: np.ndarray, candidates: np.ndarray, valid: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """query_tokens [M, d], query_mask [M] (1 = a word), candidates [K, N, d] (valid [K, N]).
-
-    Returns the CMLI score of each candidate [K] and, per candidate, the index of the vector that
-    each query token matched best [K, M]."""
+) -> np.ndarray:
+    """query_tokens [M, d], query_mask [M] (1 = a word), candidates [K, N, d] (valid [K, N]) -> the
+    CMLI score of each candidate [K]."""
     words = query_tokens[query_mask.astype(bool)].astype(np.float32)
     k, n, d = candidates.shape
     sim = (candidates.reshape(k * n, d) @ words.T).reshape(k, n, -1)  # [K, N, M']
@@ -32,23 +30,14 @@ def split_similarities(flat: np.ndarray, counts: list[int]) -> tuple[np.ndarray,
     return sim, valid
 
 
-def cmli_from_similarities(
-    sim: np.ndarray, query_mask: np.ndarray, valid: np.ndarray | None = None, with_matches: bool = True
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """sim [K, N, M'] (each candidate vector against each query word) -> CMLI [K], best vector [K, M]
-    (None unless `with_matches`: the argmax is a second pass that only `explain` reads)."""
-    k = sim.shape[0]
-    words = query_mask.astype(bool)
-    if not words.any():
-        return np.zeros(k, dtype=np.float32), np.zeros((k, len(query_mask)), dtype=np.int64)
+def cmli_from_similarities(sim: np.ndarray, query_mask: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """sim [K, N, M'] (each candidate vector against each query word) -> CMLI [K]. Which vector each
+    word matched is read from the returned items' similarities (`explain`), not from all K."""
+    if not query_mask.astype(bool).any():
+        return np.zeros(sim.shape[0], dtype=np.float32)
     # [K, M', N]: each word's similarities to a candidate's vectors side by side in memory, so the max
     # runs along contiguous rows (6x faster than reducing over the strided middle axis of [K, N, M']).
     by_word = np.ascontiguousarray(sim.transpose(0, 2, 1))
     if valid is not None:
         np.copyto(by_word, -np.inf, where=~valid[:, None, :])
-    best = by_word.max(axis=2)  # [K, M']
-    if not with_matches:
-        return best.mean(axis=1).astype(np.float32), None
-    best_idx = np.zeros((k, len(query_mask)), dtype=np.int64)
-    best_idx[:, words] = by_word.argmax(axis=2)
-    return best.mean(axis=1).astype(np.float32), best_idx
+    return by_word.max(axis=2).mean(axis=1).astype(np.float32)

@@ -413,23 +413,28 @@ class VectorStore:
         if len(iids) == 0:
             return []
         start = time.perf_counter()
-        cmli = matches = sim = words = None
+        cmli = sim = words = None
         final = cls_scores.copy()
         if query_tokens is not None and query_mask is not None:
             words = np.asarray(query_tokens, dtype=np.float32)[np.asarray(query_mask).astype(bool)]
         if rerank and words is not None:
             flat = codec.inner_products(np.concatenate(codes), words)  # on the codes, no decode
             sim, valid = split_similarities(flat, [len(c) for c in codes])
-            cmli, matches = cmli_from_similarities(sim, query_mask, valid, with_matches=explain)
+            cmli = cmli_from_similarities(sim, query_mask, valid)
             final = cls_weight * cls_scores + (1 - cls_weight) * cmli
         order = np.argsort(-final, kind="stable")[:k]
         if cmli is not None:
             timings["rerank"] = time.perf_counter() - start
         heatmaps: dict[int, np.ndarray] = {}
+        matches: dict[int, list[int]] = {}  # per query token (0 for non-words), after a rerank
         if explain and words is not None:  # the returned items' similarities: reused from the rerank
             for i in order:
                 rows = sim[i, : len(codes[i])] if sim is not None else codec.inner_products(codes[i], words)
                 heatmaps[int(i)] = np.ascontiguousarray(rows.T)
+                if cmli is not None:
+                    best = np.zeros(len(query_mask), dtype=np.int64)
+                    best[np.asarray(query_mask).astype(bool)] = rows.argmax(axis=0)
+                    matches[int(i)] = best.tolist()
         meta = self._metadata([int(iids[i]) for i in order])
         return [
             SearchHit(
@@ -438,7 +443,7 @@ class VectorStore:
                 cls_score=float(cls_scores[i]),
                 cmli_score=None if cmli is None else float(cmli[i]),
                 metadata=meta.get(int(iids[i]), {}),
-                matches=matches[i].tolist() if (explain and matches is not None) else None,
+                matches=matches.get(int(i)),
                 similarities=heatmaps.get(int(i)),
             )
             for i in order

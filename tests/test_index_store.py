@@ -130,7 +130,7 @@ def test_rerank_numpy_handles_padding(rng):
     valid[0, :3], valid[1] = True, True
     tok = unit(rng.normal(size=(5, D)))
     mask = np.array([1, 1, 0, 1, 1])
-    scores, _ = rerank_cmli(tok, mask, cand, valid)
+    scores = rerank_cmli(tok, mask, cand, valid)
     assert scores[0] == pytest.approx(cmli_t2i_loop(tok, mask, a), abs=1e-5)
     assert scores[1] == pytest.approx(cmli_t2i_loop(tok, mask, b), abs=1e-5)
 

@@ -146,5 +146,5 @@ def test_model_and_index_cmli_agree():
     patches = torch.nn.functional.normalize(torch.randn(7, 9, 8, generator=g), dim=-1)
     mask = torch.tensor([[0, 1, 1, 0, 1, 0]]).float()
     torch_scores = cmli_t2i_matrix(tokens, mask, patches)[0].numpy()
-    np_scores, _ = rerank_cmli(tokens[0].numpy(), mask[0].numpy(), patches.numpy())
+    np_scores = rerank_cmli(tokens[0].numpy(), mask[0].numpy(), patches.numpy())
     np.testing.assert_allclose(torch_scores, np_scores, atol=1e-6)
