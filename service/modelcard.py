@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,20 @@ def store_config(card: dict[str, Any], **options: Any) -> StoreConfig:
     """The index configuration for this model: its vector size, name and patch grid, plus options
     (codec, pooling, CLS factory, ...). The store refuses a data directory written for another model."""
     return StoreConfig(dim=card["dim"], model=card["name"], patch_grid=card["image"]["grid"], **options)
+
+
+@dataclass(frozen=True)
+class RerankDefaults:
+    """How this model reranks unless a request says otherwise."""
+
+    candidates: int  # K: CLS candidates rescored with CMLI
+    cls_weight: float  # final score = cls_weight * CLS + (1 - cls_weight) * CMLI
+
+
+def rerank_defaults(card: dict[str, Any]) -> RerankDefaults:
+    """The model's own K and score mix, chosen on val at export (model.json `rerank`). Why the
+    fallbacks: a card exported by hand may lack the section; K = 100 and an even mix are safe."""
+    rerank = card.get("rerank", {})
+    return RerankDefaults(
+        candidates=int(rerank.get("candidates", 100)), cls_weight=float(rerank.get("cls_weight", 0.5))
+    )

@@ -16,7 +16,7 @@ from index import VectorStore
 from index.store import ItemInput
 from service.encoders import Encoders
 from service.images import preprocess
-from service.modelcard import load_model_card, store_config
+from service.modelcard import load_model_card, rerank_defaults, store_config
 from service.tokenizer import TextTokenizer
 from training.data import decode_square, read_spec
 from training.metrics import i2t_recall, summarise, t2i_recall
@@ -49,7 +49,7 @@ def evaluate_exported(
     for s in tqdm(range(0, len(texts), 256), desc="embed captions", unit="batch"):
         embedded.extend(encoders.embed_tokens_now(tokenizer(texts[s : s + 256]).rows()))
     encoders.close()
-    weight = float(card.get("rerank", {}).get("cls_weight", 0.5))
+    weight = rerank_defaults(card).cls_weight
     with tempfile.TemporaryDirectory() as tmp:
         image_store = VectorStore(Path(tmp) / "images", store_config(card, use_gpu=False))
         image_store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])

@@ -16,6 +16,7 @@ from service.deps import AppState, run_encoder
 from service.encoders import ImageEmbedding, TextEmbedding
 from service.errors import ApiError
 from service.images import decode_image, preprocess, thumbnail_jpeg
+from service.modelcard import rerank_defaults
 
 T = TypeVar("T")
 
@@ -100,7 +101,7 @@ def check_k(state: AppState, k: int, candidates: int | None) -> tuple[int, int]:
     """k and the number of CLS candidates to rerank (at least k; the model's own number if unset)."""
     s = state.settings
     if candidates is None:
-        candidates = int(state.card.get("rerank", {}).get("candidates", 100))
+        candidates = rerank_defaults(state.card).candidates
     if not 1 <= k <= s.max_k:
         raise ApiError(422, "k_out_of_range", f"k must be between 1 and {s.max_k}, got {k}")
     if not 1 <= candidates <= s.max_candidates:

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from service import metrics
 from service.deps import AppState, get_state
+from service.modelcard import rerank_defaults
 from service.routes.common import check_k, check_text, decode_upload, embed_image, embed_texts
 
 router = APIRouter(tags=["search"])
@@ -30,7 +31,7 @@ def _ms(seconds: float) -> float:
 
 async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, explain, timings, words=None):
     found: dict[str, float] = {}
-    cls_weight = float(state.card.get("rerank", {}).get("cls_weight", 0.5))
+    cls_weight = rerank_defaults(state.card).cls_weight
     search = functools.partial(
         state.store.search, q_cls, q_tok, q_mask, k, candidates, rerank, explain, cls_weight, found
     )
