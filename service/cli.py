@@ -67,14 +67,21 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint written by `emkum train`")],
     out_dir: Annotated[Path, typer.Argument(help="where to write image.onnx, text.onnx, tokenizer.json, model.json")],
     name: Annotated[str | None, typer.Option(help="model name recorded in model.json")] = None,
-    tolerance: Annotated[float, typer.Option(help="max relative error of ONNX Runtime vs torch (fp32)")] = 1e-4,
+    tolerance: Annotated[
+        float | None, typer.Option(help="max relative error of ONNX Runtime vs torch (fp32)", show_default="0.0001")
+    ] = None,
     fp16: Annotated[bool, typer.Option(help="also write image.fp16.onnx / text.fp16.onnx for GPUs")] = True,
-    fp16_tolerance: Annotated[float, typer.Option(help="max relative error of the fp16 variant vs fp32 torch")] = 5e-3,
+    fp16_tolerance: Annotated[
+        float | None, typer.Option(help="max relative error of the fp16 variant vs fp32 torch", show_default="0.005")
+    ] = None,
 ) -> None:
     """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
     from training.export import export as run
 
-    card = run(checkpoint, out_dir, name=name, tolerance=tolerance, fp16=fp16, fp16_tolerance=fp16_tolerance)
+    # Unset tolerances stay unset so that training/export.py's defaults are the only ones (this module
+    # imports training lazily: serving must not import torch).
+    given = {"tolerance": tolerance, "fp16_tolerance": fp16_tolerance}
+    card = run(checkpoint, out_dir, name=name, fp16=fp16, **{k: v for k, v in given.items() if v is not None})
     parity = {k: v for k, v in card["export"].items() if k.startswith("parity")}
     typer.echo(json.dumps({"out_dir": str(out_dir), **parity}, indent=2))
 
@@ -208,13 +215,14 @@ def search(
     """Search the index from the command line (no server needed)."""
     from service.app import load_state
     from service.deps import AppState
+    from service.modelcard import rerank_defaults
 
     state = AppState(settings=_settings(model_dir=model_dir, data_dir=data_dir))
     load_state(state)
     (emb,) = state.encoders.embed_tokens_now(state.tokenizer([query]).rows())
-    weight = float(state.card["rerank"]["cls_weight"])
-    candidates = candidates or int(state.card["rerank"]["candidates"])
-    hits = state.store.search(emb.cls, emb.tokens, emb.mask, k, candidates, rerank, cls_weight=weight)
+    defaults = rerank_defaults(state.card)
+    candidates = candidates or defaults.candidates
+    hits = state.store.search(emb.cls, emb.tokens, emb.mask, k, candidates, rerank, cls_weight=defaults.cls_weight)
     state.encoders.close()
     for h in hits:
         typer.echo(f"{h.score:.4f}  {h.id}  {json.dumps(h.metadata)}")

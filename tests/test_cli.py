@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -94,3 +95,14 @@ def test_bulk_index_on_a_local_ray_cluster(tiny_model_dir, tmp_path):
         store = VectorStore(tmp_path / "shards" / f"shard-{shard:02d}", StoreConfig(card["dim"], card["name"]))
         ids = {x["id"] for x in store.list(limit=100)}
         assert ids and all(shard_of(i, 2) == shard for i in ids)
+
+
+def test_export_help_states_the_tolerances_the_export_applies():
+    """The CLI leaves unset tolerances to training/export.py; its help must quote those values."""
+    from training.export import FP16_TOLERANCE, FP32_TOLERANCE
+
+    result = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    for option, value in (("--tolerance", FP32_TOLERANCE), ("--fp16-tolerance", FP16_TOLERANCE)):
+        line = next(x for x in result.output.splitlines() if f"{option} " in x)
+        assert re.search(rf"\[default: \(?{re.escape(f'{value:g}')}\)?\]", line), line
