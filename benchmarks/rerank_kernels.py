@@ -24,6 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.index_bench import unit  # noqa: E402
 from benchmarks.machine import describe, record, write_report  # noqa: E402
 from index import one_thread_per_search  # noqa: E402
 from index.cmli import cmli_from_similarities  # noqa: E402
@@ -76,10 +77,6 @@ def single_int8_gemm(codes: np.ndarray, weights: np.ndarray) -> Callable[[], np.
     return lambda: session.run(None, feed)[0]
 
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def measure(
     codec_name: str, vectors: int, words: np.ndarray, mask: np.ndarray, repeats: int, rng: np.random.Generator
 ) -> dict:
@@ -108,10 +105,8 @@ def measure(
         "cmli_max_strided_axis_ms": median_ms(lambda: sim.max(axis=1).mean(axis=1), repeats),
     }
     if codec_name == "SQ8":  # the decode's affine part folded into the weights, as the codec does
-        levels, vmin, vdiff = codec._affine
-        weights = np.ascontiguousarray((vdiff / levels)[:, None] * words.T)
-        offset = words @ (vmin + 0.5 * vdiff / levels)
-        gemm = single_int8_gemm(codes, weights)
+        _, weights, offset = codec.fold_queries(words)
+        gemm = single_int8_gemm(codes, np.ascontiguousarray(weights))
         row["single_int8_weights_ms"] = median_ms(gemm, repeats)
         row["single_int8_weights_max_error_vs_largest"] = error(gemm() + offset)
     else:

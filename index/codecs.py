@@ -63,14 +63,10 @@ class PatchCodec:
         to ~1e-4 of the largest product (integer=True: the bytes multiplied by ONNX Runtime's
         integer GEMM, `index/integer_scoring.py`; the default, 1.5x faster on SQ8)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        affine = self._affine
-        if affine is None:  # SQfp16, PQ: decode all candidates in one call, then one product
+        folded = self.fold_queries(queries)
+        if folded is None:  # SQfp16, PQ: decode all candidates in one call, then one product
             return self.decode(codes) @ queries.T
-        levels, vmin, vdiff = affine
-        weights = (vdiff / levels)[:, None] * queries.T  # [d, M]
-        offset = queries @ (vmin + 0.5 * vdiff / levels)  # [M]
-        if levels == 15:  # 4 bits: even dimensions in the low nibble, odd ones in the high nibble
-            weights = np.concatenate([weights[0::2], weights[1::2]])  # the order of `_nibbles`
+        levels, weights, offset = folded
         if integer:
             return integer_scorer()(codes if levels == 255 else _nibbles(codes), weights, offset)
         out = np.empty((len(codes), len(queries)), dtype=np.float32)
@@ -78,6 +74,18 @@ class PatchCodec:
             part = codes[s : s + chunk] if levels == 255 else _nibbles(codes[s : s + chunk])
             out[s : s + chunk] = part.astype(np.float32) @ weights + offset
         return out
+
+    def fold_queries(self, queries: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """For a trained SQ8/SQ4 codec, (levels, weights [d, M], offset [M]) such that one byte per
+        dimension (`_nibbles` order for SQ4) @ weights + offset = decode(codes) @ queries.T; else None."""
+        if self._affine is None:
+            return None
+        levels, vmin, vdiff = self._affine
+        weights = (vdiff / levels)[:, None] * queries.T  # [d, M]
+        offset = queries @ (vmin + 0.5 * vdiff / levels)  # [M]
+        if levels == 15:  # 4 bits: even dimensions in the low nibble, odd ones in the high nibble
+            weights = np.concatenate([weights[0::2], weights[1::2]])  # the order of `_nibbles`
+        return levels, weights, offset
 
     @functools.cached_property
     def _affine(self) -> tuple[int, np.ndarray, np.ndarray] | None:
