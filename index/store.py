@@ -416,7 +416,8 @@ class VectorStore:
         cmli = sim = words = None
         final = cls_scores.copy()
         if query_tokens is not None and query_mask is not None:
-            words = np.asarray(query_tokens, dtype=np.float32)[np.asarray(query_mask).astype(bool)]
+            is_word = np.asarray(query_mask).astype(bool)
+            words = np.asarray(query_tokens, dtype=np.float32)[is_word]
         if rerank and words is not None:
             flat = codec.inner_products(np.concatenate(codes), words)  # on the codes, no decode
             sim, valid = split_similarities(flat, [len(c) for c in codes])
@@ -432,8 +433,8 @@ class VectorStore:
                 rows = sim[i, : len(codes[i])] if sim is not None else codec.inner_products(codes[i], words)
                 heatmaps[int(i)] = np.ascontiguousarray(rows.T)
                 if cmli is not None:
-                    best = np.zeros(len(query_mask), dtype=np.int64)
-                    best[np.asarray(query_mask).astype(bool)] = rows.argmax(axis=0)
+                    best = np.zeros(len(is_word), dtype=np.int64)
+                    best[is_word] = rows.argmax(axis=0)
                     matches[int(i)] = best.tolist()
         meta = self._metadata([int(iids[i]) for i in order])
         return [
