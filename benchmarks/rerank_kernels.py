@@ -6,7 +6,9 @@ what the store runs (`PatchCodec.inner_products` on SQ8 and SQ4 codes through ON
 GEMM, `cmli_from_similarities`) and, so the choices can be checked, the ways not taken: the same
 products in float (numpy, the store's path until session 4), reducing over the strided middle axis,
 one int8 weight matrix instead of two 7-bit ones (saturates MLAS's int16 pair sums on CPUs without
-VNNI), and a byte lookup table that unpacks SQ4 nibbles.
+VNNI), session 4's unfused graph (MatMulInteger, then Cast, MatMul and Add as separate passes), and a
+byte lookup table that unpacks SQ4 nibbles. The integer products are also timed on every core the
+process has, as the service runs them for a search that is the only request in flight.
 
 Codes are unit random vectors encoded by a codec trained on others like them: each error is
 reported next to the codec's own (decoded vs original products), in units of the largest product.
@@ -15,6 +17,7 @@ reported next to the codec's own (decoded vs original products), in units of the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ from benchmarks.machine import describe, record, write_report  # noqa: E402
 from index import one_thread_per_search  # noqa: E402
 from index.cmli import cmli_from_similarities  # noqa: E402
 from index.codecs import PatchCodec  # noqa: E402
+from index.integer_scoring import split_weights  # noqa: E402
 
 DIM, CANDIDATES, WORDS = 256, 100, 8
 
@@ -77,9 +81,45 @@ def single_int8_gemm(codes: np.ndarray, weights: np.ndarray) -> Callable[[], np.
     return lambda: session.run(None, feed)[0]
 
 
+def unfused_integer_gemm(codes: np.ndarray, weights: np.ndarray, offset: np.ndarray) -> Callable[[], np.ndarray]:
+    """Session 4's graph: the same two 7-bit parts, but MatMulInteger writes int32 products that Cast,
+    MatMul (the parts' steps) and Add (the offset) each read again."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = [("codes", TensorProto.UINT8), ("parts", TensorProto.INT8), ("scales", TensorProto.FLOAT)]
+    nodes = [
+        helper.make_node("MatMulInteger", ["codes", "parts"], ["int_products"]),
+        helper.make_node("Cast", ["int_products"], ["float_products"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["float_products", "scales"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "offset"], ["products"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "unfused",
+        [helper.make_tensor_value_info(n, t, [None, None]) for n, t in inputs]
+        + [helper.make_tensor_value_info("offset", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("products", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def run() -> np.ndarray:
+        parts, steps = split_weights(weights)
+        m = weights.shape[1]
+        scales = np.concatenate([np.diag(steps[:m]), np.diag(steps[m:])]).astype(np.float32)
+        return session.run(None, {"codes": codes, "parts": parts, "scales": scales, "offset": offset})[0]
+
+    return run
+
+
 def measure(
     codec_name: str, vectors: int, words: np.ndarray, mask: np.ndarray, repeats: int, rng: np.random.Generator
 ) -> dict:
+    cores = len(os.sched_getaffinity(0))
     codec = PatchCodec(codec_name, DIM)
     codec.train(unit(rng.standard_normal((20_000, DIM))))
     originals = unit(rng.standard_normal((CANDIDATES * vectors, DIM)))
@@ -99,6 +139,8 @@ def measure(
         ),
         "inner_products_ms": median_ms(lambda: codec.inner_products(codes, words), repeats),
         "inner_products_max_error_vs_largest": error(codec.inner_products(codes, words)),
+        "inner_products_all_cores": cores,
+        "inner_products_all_cores_ms": median_ms(lambda: codec.inner_products(codes, words, threads=cores), repeats),
         "inner_products_float_ms": median_ms(lambda: codec.inner_products(codes, words, integer=False), repeats),
         "inner_products_float_max_error_vs_largest": error(codec.inner_products(codes, words, integer=False)),
         "cmli_max_contiguous_ms": median_ms(lambda: cmli_from_similarities(sim, mask), repeats),
@@ -106,6 +148,9 @@ def measure(
     }
     if codec_name == "SQ8":  # the decode's affine part folded into the weights, as the codec does
         _, weights, offset = codec.fold_queries(words)
+        unfused = unfused_integer_gemm(codes, weights, offset)
+        row["unfused_graph_ms"] = median_ms(unfused, repeats)
+        row["unfused_graph_max_error_vs_largest"] = error(unfused())
         gemm = single_int8_gemm(codes, np.ascontiguousarray(weights))
         row["single_int8_weights_ms"] = median_ms(gemm, repeats)
         row["single_int8_weights_max_error_vs_largest"] = error(gemm() + offset)

@@ -25,69 +25,90 @@ BITS = 63  # the largest |int8| that cannot saturate MLAS's int16 pair sums (see
 
 
 class IntegerScorer:
-    """codes [T, d] uint8 x weights [d, M] float (+ offset [M]) -> [T, M] float32, in one ORT run."""
+    """codes [T, d] uint8 x weights [d, M] float (+ offset [M]) -> [T, M] float32, in one ORT run.
 
-    def __init__(self) -> None:
+    `threads` > 1 splits the codes' rows over that many cores (ONNX Runtime's intra-op pool, not
+    spinning between calls, so an idle pool takes no time from the next request): worth it for a
+    search that has the machine to itself, a loss under load (`VectorStore.search(threads=...)`)."""
+
+    def __init__(self, threads: int = 1) -> None:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
         inputs = [
             ("codes", TensorProto.UINT8, [None, None]),
             ("parts", TensorProto.INT8, [None, None]),  # [d, 2M]: the high and the low parts side by side
-            ("scales", TensorProto.FLOAT, [None, None]),  # [2M, M]: each part's scale, summed per word
-            ("offset", TensorProto.FLOAT, [None]),
+            ("part_scales", TensorProto.FLOAT, [None]),  # [2M]: each part column's step
+            ("part_offsets", TensorProto.FLOAT, [None]),  # [2M]: the offset on the high columns, 0 on the low
+            ("sum_parts", TensorProto.FLOAT, [None, None]),  # [2M, M]: adds each word's two columns
         ]
-        nodes = [
-            helper.make_node("MatMulInteger", ["codes", "parts"], ["int_products"]),
-            helper.make_node("Cast", ["int_products"], ["float_products"], to=TensorProto.FLOAT),
-            helper.make_node("MatMul", ["float_products", "scales"], ["scaled"]),
-            helper.make_node("Add", ["scaled", "offset"], ["products"]),
+        constants = [
+            helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),  # the codes are the levels themselves
+            helper.make_tensor("zero", TensorProto.UINT8, [], [0]),
+        ]
+        nodes = [  # MatMulIntegerToFloat: the integer GEMM with the scaling fused into its output pass
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                ["codes", "parts", "one", "part_scales", "zero", "", "part_offsets"],
+                ["part_products"],
+                domain="com.microsoft",
+            ),
+            helper.make_node("MatMul", ["part_products", "sum_parts"], ["products"]),
         ]
         graph = helper.make_graph(
             nodes,
             "integer_inner_products",
             [helper.make_tensor_value_info(name, kind, shape) for name, kind, shape in inputs],
             [helper.make_tensor_value_info("products", TensorProto.FLOAT, [None, None])],
+            initializer=constants,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        model = helper.make_model(graph, opset_imports=opsets)
         model.ir_version = 8  # readable by every onnxruntime this project allows (>= 1.18)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.threads = threads
         self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, codes: np.ndarray, weights: np.ndarray, offset: np.ndarray) -> np.ndarray:
-        parts, scales = split_weights(weights)
+        parts, steps = split_weights(weights)
+        m = weights.shape[1]
         feed = {
             "codes": np.ascontiguousarray(codes, dtype=np.uint8),
             "parts": parts,
-            "scales": scales,
-            "offset": np.ascontiguousarray(offset, dtype=np.float32),
+            "part_scales": steps,
+            "part_offsets": np.concatenate([offset, np.zeros(m)]).astype(np.float32),
+            "sum_parts": _sum_parts(m),
         }
         return self._session.run(None, feed)[0]
 
 
 def split_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """weights [d, M] -> int8 parts [d, 2M] and scales [2M, M] with parts @ scales ~ weights."""
+    """weights [d, M] -> int8 parts [d, 2M] and steps [2M] with (parts * steps) summed per word ~ weights:
+    column j of the result is parts[:, j] * steps[j] + parts[:, M + j] * steps[M + j]."""
     weights = np.asarray(weights, dtype=np.float64)
-    high_scale = _scale(weights)
-    high = np.round(weights / high_scale)
-    rest = weights - high * high_scale
-    low_scale = _scale(rest)
-    low = np.round(rest / low_scale)
-    m = weights.shape[1]
-    scales = np.zeros((2 * m, m), dtype=np.float32)
-    scales[np.arange(m), np.arange(m)] = high_scale
-    scales[m + np.arange(m), np.arange(m)] = low_scale
-    return np.concatenate([high, low], axis=1).astype(np.int8), scales
+    high_step = _step(weights)
+    high = np.round(weights / high_step)
+    rest = weights - high * high_step
+    low_step = _step(rest)
+    low = np.round(rest / low_step)
+    parts = np.concatenate([high, low], axis=1).astype(np.int8)
+    return parts, np.concatenate([high_step, low_step]).astype(np.float32)
 
 
-def _scale(weights: np.ndarray) -> np.ndarray:
+@functools.cache
+def _sum_parts(m: int) -> np.ndarray:
+    return np.concatenate([np.eye(m), np.eye(m)]).astype(np.float32)
+
+
+def _step(weights: np.ndarray) -> np.ndarray:
     """Per column, the step that maps its largest magnitude to BITS (1 for an all-zero column)."""
     top = np.abs(weights).max(axis=0) / BITS
     return np.where(top > 0, top, 1.0)
 
 
 @functools.cache
-def integer_scorer() -> IntegerScorer:
-    """One scorer per process: an ORT session is safe to run from many threads at once."""
-    return IntegerScorer()
+def integer_scorer(threads: int = 1) -> IntegerScorer:
+    """One scorer per thread count per process: an ORT session is safe to run from many threads at once."""
+    return IntegerScorer(threads)

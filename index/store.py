@@ -397,10 +397,15 @@ class VectorStore:
         explain: bool = False,
         cls_weight: float = 0.0,
         timings: dict[str, float] | None = None,
+        threads: int = 1,
     ) -> list[SearchHit]:
         """Stage 1: top `candidates` by CLS inner product. Stage 2 (rerank): CMLI of the query's
         tokens against each candidate's decoded vectors (seed 004, eq. 4); the final score is
-        cls_weight * cls + (1 - cls_weight) * cmli, sorted, top k."""
+        cls_weight * cls + (1 - cls_weight) * cmli, sorted, top k.
+
+        `threads`: cores for the rerank's products. One when searches run side by side (each has a
+        core); more when this search has the machine to itself (the service decides: it knows how many
+        requests are in flight)."""
         candidates = max(candidates, k)
         timings = {} if timings is None else timings
         start = time.perf_counter()
@@ -419,7 +424,7 @@ class VectorStore:
             is_word = np.asarray(query_mask).astype(bool)
             words = np.asarray(query_tokens, dtype=np.float32)[is_word]
         if rerank and words is not None:
-            flat = codec.inner_products(np.concatenate(codes), words)  # on the codes, no decode
+            flat = codec.inner_products(np.concatenate(codes), words, threads=threads)  # on the codes, no decode
             sim, valid = split_similarities(flat, [len(c) for c in codes])
             cmli = cmli_from_similarities(sim, query_mask, valid)
             final = cls_weight * cls_scores + (1 - cls_weight) * cmli

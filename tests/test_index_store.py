@@ -177,6 +177,10 @@ def test_rerank_scores_on_codes_equal_scores_on_decoded_vectors(tmp_path, rng, c
     hits = store.search(unit(rng.normal(size=D)), words, mask, k=30, candidates=30, cls_weight=0.0)
     for h in hits:
         assert h.cmli_score == pytest.approx(cmli_t2i_loop(words, mask, store.vectors(h.id)), abs=ON_CODES_ATOL)
+    query = unit(rng.normal(size=D))
+    assert [(h.id, h.score) for h in store.search(query, words, mask, k=30, candidates=30, threads=2)] == [
+        (h.id, h.score) for h in store.search(query, words, mask, k=30, candidates=30, threads=1)
+    ]
 
 
 @pytest.mark.parametrize(("codec", "need", "per_item"), [("SQ8", 240, 12), ("PQ4x8", 10_000, 40)])

@@ -10,10 +10,12 @@ from index.integer_scoring import BITS, integer_scorer, split_weights
 
 def test_split_weights_reconstructs_each_weight_to_half_a_low_step(rng):
     weights = rng.normal(size=(64, 5)) * np.array([1e-3, 1.0, 30.0, 1.0, 0.0])  # scales apart, one zero
-    parts, scales = split_weights(weights)
+    parts, steps = split_weights(weights)
     assert parts.dtype == np.int8 and np.abs(parts).max() <= BITS
-    rebuilt = parts.astype(np.float64) @ scales.astype(np.float64)
-    low_step = np.diag(scales[weights.shape[1] :])
+    m = weights.shape[1]
+    scaled = parts.astype(np.float64) * steps.astype(np.float64)
+    rebuilt = scaled[:, :m] + scaled[:, m:]
+    low_step = steps[m:]
     assert np.all(np.abs(rebuilt - weights) <= low_step / 2 * (1 + 1e-5) + 1e-12)
     assert np.all(rebuilt[:, 4] == 0)
 
@@ -27,6 +29,17 @@ def test_integer_products_match_float64(rng, width):
     got = integer_scorer()(codes, weights, offset)
     assert got.shape == (3000, 7) and got.dtype == np.float32
     assert np.abs(got - exact).max() <= 2e-4 * np.abs(exact).max()
+
+
+def test_more_threads_give_the_same_products(rng):
+    """A lone search splits the rows over the idle cores; the integer sums, and so the results, are
+    the same as on one core."""
+    codes = rng.integers(0, 256, size=(25_600, 256), dtype=np.uint8)
+    weights = rng.normal(size=(256, 8)).astype(np.float32)
+    offset = rng.normal(size=8).astype(np.float32)
+    one, two = integer_scorer(1), integer_scorer(2)
+    assert (one.threads, two.threads) == (1, 2)
+    np.testing.assert_array_equal(two(codes, weights, offset), one(codes, weights, offset))
 
 
 def test_largest_codes_times_largest_weights_do_not_saturate():
