@@ -41,6 +41,14 @@ class AppState:
     active_requests: int = 0  # HTTP requests being served (the batchers wait for company only if > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def rerank_threads(self) -> int:
+        """Cores for this search's rerank: all of them when its request is the only one in flight (they
+        would idle otherwise; halves a lone rerank at K = 100), one each when requests run side by side
+        (each search already has a core, and sharing would only add contention)."""
+        if self.active_requests > 1:
+            return 1
+        return self.settings.lone_search_threads or available_cores()
+
     @property
     def ready(self) -> bool:
         return self.encoders is not None and self.store is not None

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_candidates: int = 10000
 
     search_threads: int = Field(0, ge=0)  # concurrent searches, one core each; 0 = the cores available
+    # cores for the rerank of a search with no other request in flight; 0 = the cores available, 1 = always one
+    lone_search_threads: int = Field(0, ge=0)
     cls_factory: str = "Flat"
     # None: what the data directory was written with; for a new one SQ8 and no pooling
     patch_codec: str | None = None  # SQ8, SQfp16 (exact to fp16), SQ4, PQ32x8, ...

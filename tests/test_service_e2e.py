@@ -15,6 +15,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.deps import AppState, available_cores
+from service.settings import Settings
 from tests.images import bomb_png, encode, jpeg, photo
 from tests.server import running_server
 
@@ -394,3 +396,15 @@ def test_codec_training_threshold_is_a_setting(tiny_model_dir, tmp_path):
         assert c.get("/readyz").json()["patch_codec"] == "SQ8"
     store = VectorStore(tmp_path / "d", StoreConfig(dim=16, model="emkum-tiny"))
     assert store.codec.is_trained and store.bytes_per_item() == 16 * 16  # one byte per dimension
+
+
+def test_a_lone_search_reranks_on_every_core_and_searches_side_by_side_on_one(tmp_path):
+    """The rerank's cores follow the load: the only request in flight has the machine to itself."""
+    state = AppState(Settings(data_dir=tmp_path))
+    state.active_requests = 1
+    assert state.rerank_threads() == available_cores()
+    state.active_requests = 2
+    assert state.rerank_threads() == 1
+    state = AppState(Settings(data_dir=tmp_path, lone_search_threads=3))
+    state.active_requests = 1
+    assert state.rerank_threads() == 3

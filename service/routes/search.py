@@ -32,8 +32,18 @@ def _ms(seconds: float) -> float:
 async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, explain, timings, words=None):
     found: dict[str, float] = {}
     cls_weight = rerank_defaults(state.card).cls_weight
-    search = functools.partial(
-        state.store.search, q_cls, q_tok, q_mask, k, candidates, rerank, explain, cls_weight, found
+    search = functools.partial(  # threads: the load is read here, when the request is in flight
+        state.store.search,
+        q_cls,
+        q_tok,
+        q_mask,
+        k,
+        candidates,
+        rerank,
+        explain,
+        cls_weight,
+        found,
+        threads=state.rerank_threads(),
     )
     hits = await asyncio.get_running_loop().run_in_executor(state.search_pool, search)
     for stage, seconds in found.items():
