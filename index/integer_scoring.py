@@ -14,8 +14,8 @@ overflows it; a full int8 query error of 5% (measured) was that overflow, not ro
 255 * 63 * 2 = 32,130 fits.
 
 Runs on one thread per call, as every search does (`one_thread_per_search`), unless the caller asks
-for more (a search alone on the machine). The codec keeps its
-float path (`PatchCodec.inner_products(..., integer=False)`) as the reference the tests hold this to."""
+for more (a search alone on the machine). The codec keeps its float path
+(`PatchCodec.inner_products(..., integer=False)`) as the reference the tests hold this to."""
 
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def split_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def _sum_parts(m: int) -> np.ndarray:
+    """[2M, M]: column j adds part columns j and M + j (one MatMul after the GEMM, cached per M)."""
     return np.concatenate([np.eye(m), np.eye(m)]).astype(np.float32)
 
 
