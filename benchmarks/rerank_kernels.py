@@ -9,6 +9,8 @@ one int8 weight matrix instead of two 7-bit ones (saturates MLAS's int16 pair su
 VNNI), session 4's unfused graph (MatMulInteger, then Cast, MatMul and Add as separate passes), and a
 byte lookup table that unpacks SQ4 nibbles. The integer products are also timed on every core the
 process has, as the service runs them for a search that is the only request in flight.
+For SQ8 it also times copying the candidates' codes out of the store's per-item arrays, and the
+alternative of two threads each copying and scoring half the candidates.
 
 Codes are unit random vectors encoded by a codec trained on others like them: each error is
 reported next to the codec's own (decoded vs original products), in units of the largest product.
@@ -116,6 +118,41 @@ def unfused_integer_gemm(codes: np.ndarray, weights: np.ndarray, offset: np.ndar
     return run
 
 
+def gather_costs(codec: PatchCodec, codes: np.ndarray, words: np.ndarray, repeats: int, rng) -> dict:
+    """What a lone query pays besides the products: copying its candidates' codes out of the store
+    (one array per item, as `VectorStore` keeps them; 2,000 items, 131 MB, more than any cache) into
+    one matrix, and whether two threads that each copy and score half the candidates beat one copy
+    scored on two cores (`threads=2`, what the service does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    per_item = len(codes) // CANDIDATES
+    store = [codes[(i % CANDIDATES) * per_item : (i % CANDIDATES + 1) * per_item].copy() for i in range(2000)]
+    picks = iter(np.tile(rng.permutation(2000), 2 * repeats + 10).reshape(-1, CANDIDATES))
+
+    def gather() -> np.ndarray:
+        return np.concatenate([store[i] for i in next(picks)])
+
+    def score_half(chosen: np.ndarray) -> np.ndarray:
+        return codec.inner_products(np.concatenate([store[i] for i in chosen]), words)
+
+    helper_thread = ThreadPoolExecutor(1)
+
+    def halves_on_two_threads() -> np.ndarray:
+        chosen = next(picks)
+        other = helper_thread.submit(score_half, chosen[CANDIDATES // 2 :])
+        return np.concatenate([score_half(chosen[: CANDIDATES // 2]), other.result()])
+
+    costs = {
+        "gather_codes_ms": median_ms(gather, repeats),
+        "gather_then_products_two_cores_ms": median_ms(
+            lambda: codec.inner_products(gather(), words, threads=2), repeats
+        ),
+        "two_threads_each_gather_and_score_half_ms": median_ms(halves_on_two_threads, repeats),
+    }
+    helper_thread.shutdown()
+    return costs
+
+
 def measure(
     codec_name: str, vectors: int, words: np.ndarray, mask: np.ndarray, repeats: int, rng: np.random.Generator
 ) -> dict:
@@ -154,6 +191,7 @@ def measure(
         gemm = single_int8_gemm(codes, np.ascontiguousarray(weights))
         row["single_int8_weights_ms"] = median_ms(gemm, repeats)
         row["single_int8_weights_max_error_vs_largest"] = error(gemm() + offset)
+        row.update(gather_costs(codec, codes, words, repeats, np.random.default_rng(1)))  # own draws: rows stay
     else:
         table = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float32)
         weights = rng.standard_normal((DIM, WORDS)).astype(np.float32)

@@ -61,7 +61,7 @@ class PatchCodec:
         """codes [T, code_size] -> [T, M]: the inner product of each decoded vector with each of the
         queries [M, d], equal to `decode(codes) @ queries.T` up to float rounding (integer=False) or
         to ~1e-4 of the largest product (integer=True: the bytes multiplied by ONNX Runtime's
-        integer GEMM, `index/integer_scoring.py`; the default, 1.4x faster on SQ8). `threads` cores
+        integer GEMM, `index/integer_scoring.py`; the default, ~1.5x faster on SQ8). `threads` cores
         share the integer GEMM; the other paths run on one."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         folded = self.fold_queries(queries)

@@ -3,7 +3,7 @@
 Why: the rerank's largest cost is scoring every candidate vector's scalar-quantiser codes against
 the query words. In float, numpy first widens the codes to fp32 (4x the bytes) and then multiplies;
 MLAS multiplies the bytes themselves (uint8 x int8 -> int32) and, in `MatMulIntegerToFloat`, scales
-them to float in the same pass: 1.4x faster for the unpooled rerank at K = 100, and 1.2x faster than
+them to float in the same pass: ~1.5x faster for the unpooled rerank at K = 100, and 1.2x faster than
 MatMulInteger followed by separate Cast/MatMul/Add passes (`benchmarks/rerank_kernels.py`).
 
 Precision: the float weights are written as two int8 matrices, w ~ s_hi * hi + s_lo * lo, the second
