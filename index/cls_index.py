@@ -58,6 +58,8 @@ class ClsIndex:
     def remove(self, iid: int) -> None:
         if self.pending.pop(iid, None) is not None:
             return
+        # HNSW graphs cannot remove vectors (FAISS aborts rather than raising): hide the id instead;
+        # it disappears for good when the index is next rebuilt from the table.
         removed = 0 if "HNSW" in self.factory else self.index.remove_ids(np.array([iid], dtype=np.int64))
         if not removed:
             self.tombstones.add(iid)
