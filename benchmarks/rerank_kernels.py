@@ -34,7 +34,7 @@ from benchmarks.machine import describe, record, write_report  # noqa: E402
 from index import one_thread_per_search  # noqa: E402
 from index.cmli import cmli_from_similarities  # noqa: E402
 from index.codecs import PatchCodec  # noqa: E402
-from index.integer_scoring import split_weights  # noqa: E402
+from index.integer_scoring import graph_session, split_weights  # noqa: E402
 
 DIM, CANDIDATES, WORDS = 256, 100, 8
 
@@ -52,7 +52,6 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 def single_int8_gemm(codes: np.ndarray, weights: np.ndarray) -> Callable[[], np.ndarray]:
     """uint8 codes x one int8 weight matrix (per-column scale to 127) -> float in ONNX Runtime (MLAS):
     the first attempt, before the 7-bit split of index/integer_scoring.py."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     inputs = [("c", TensorProto.UINT8, [None, codes.shape[1]]), ("w", TensorProto.INT8, [codes.shape[1], None])]
@@ -65,12 +64,7 @@ def single_int8_gemm(codes: np.ndarray, weights: np.ndarray) -> Callable[[], np.
         [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = graph_session(graph)
     scale = (np.abs(weights).max(axis=0) / 127).astype(np.float32)
     feed = {
         "c": codes,
@@ -86,7 +80,6 @@ def single_int8_gemm(codes: np.ndarray, weights: np.ndarray) -> Callable[[], np.
 def unfused_integer_gemm(codes: np.ndarray, weights: np.ndarray, offset: np.ndarray) -> Callable[[], np.ndarray]:
     """Session 4's graph: the same two 7-bit parts, but MatMulInteger writes int32 products that Cast,
     MatMul (the parts' steps) and Add (the offset) each read again."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     inputs = [("codes", TensorProto.UINT8), ("parts", TensorProto.INT8), ("scales", TensorProto.FLOAT)]
@@ -103,11 +96,7 @@ def unfused_integer_gemm(codes: np.ndarray, weights: np.ndarray, offset: np.ndar
         + [helper.make_tensor_value_info("offset", TensorProto.FLOAT, [None])],
         [helper.make_tensor_value_info("products", TensorProto.FLOAT, None)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = graph_session(graph)
 
     def run() -> np.ndarray:
         parts, steps = split_weights(weights)

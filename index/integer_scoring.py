@@ -20,8 +20,13 @@ for more (a search alone on the machine). The codec keeps its float path
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported when first used: `index` loads without them until a rerank needs them
+    import onnx
+    import onnxruntime as ort
 
 BITS = 63  # the largest |int8| that cannot saturate MLAS's int16 pair sums (see above)
 
@@ -34,7 +39,6 @@ class IntegerScorer:
     search that has the machine to itself, a loss under load (`VectorStore.search(threads=...)`)."""
 
     def __init__(self, threads: int = 1) -> None:
-        import onnxruntime as ort
         from onnx import TensorProto, helper
 
         inputs = [
@@ -64,14 +68,8 @@ class IntegerScorer:
             [helper.make_tensor_value_info("products", TensorProto.FLOAT, [None, None])],
             initializer=constants,
         )
-        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-        model = helper.make_model(graph, opset_imports=opsets)
-        model.ir_version = 8  # readable by every onnxruntime this project allows (>= 1.18)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = threads
-        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self._session = graph_session(graph, threads)
 
     def __call__(self, codes: np.ndarray, weights: np.ndarray, offset: np.ndarray) -> np.ndarray:
         parts, steps = split_weights(weights)
@@ -84,6 +82,22 @@ class IntegerScorer:
             "sum_parts": _sum_parts(m),
         }
         return self._session.run(None, feed)[0]
+
+
+def graph_session(graph: onnx.GraphProto, threads: int = 1) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for a graph built with onnx.helper (standard and com.microsoft ops),
+    on `threads` cores whose pool does not spin between calls (an idle pool takes no time from the
+    next request). The benchmarks build the alternatives they time with it too."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8  # readable by every onnxruntime this project allows (>= 1.18)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def split_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
