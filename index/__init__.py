@@ -9,11 +9,12 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss (and its libgomp) is loaded
 
-from index.errors import CorruptStoreFile, IndexError_, ReadOnlyStore, StoreMismatch, UnknownItem
+from index.errors import CorruptStoreFile, DuplicateItem, IndexError_, ReadOnlyStore, StoreMismatch, UnknownItem
 from index.store import SearchHit, StoreConfig, VectorStore, one_thread_per_search
 
 __all__ = [
     "CorruptStoreFile",
+    "DuplicateItem",
     "IndexError_",
     "ReadOnlyStore",
     "SearchHit",

@@ -19,3 +19,7 @@ class UnknownItem(IndexError_, KeyError):
 
 class ReadOnlyStore(IndexError_):
     """Writes are refused: the data directory is read-only or the disk is full."""
+
+
+class DuplicateItem(IndexError_, ValueError):
+    """One write names the same id twice: which of the two should win is the caller's to say."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
+import uuid
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -29,11 +31,12 @@ from index.cls_index import ClsIndex
 from index.cmli import cmli_from_similarities, split_similarities
 from index.codecs import PatchCodec
 from index.database import is_write_refusal, open_database
-from index.errors import CorruptStoreFile, ReadOnlyStore, StoreMismatch, UnknownItem
+from index.errors import CorruptStoreFile, DuplicateItem, ReadOnlyStore, StoreMismatch, UnknownItem
 from index.pooling import pool_patches
-from index.snapshot import UnreadableSnapshot, read_snapshot, write_snapshot
+from index.snapshot import SnapshotIdentity, UnreadableSnapshot, read_snapshot, write_snapshot
 
 DEFAULT_PATCH_CODEC = "SQ8"
+log = logging.getLogger("emkum.index")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class VectorStore:
         self.db_path = self.path / "items.sqlite"
         self.snapshot_path = self.path / "cls.faiss"
         self._lock = threading.RLock()
+        self.snapshot_warning: str | None = None  # why the CLS snapshot was not used, when it was not
         # A directory that refuses writes opens read-only: search serves what it holds.
         self._db, self.read_only_reason = open_database(self.db_path)
         self.read_only = self.read_only_reason is not None
@@ -124,6 +128,8 @@ class VectorStore:
             "patch_codec": self.config.patch_codec,
             "patch_pool": self.config.patch_pool,
         }
+        if self._meta("store_id") is None and not self.read_only:  # names this directory in its snapshots
+            self._db.execute("INSERT INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex.encode(),))
         if stored is None:
             self.check_writable()
             self._db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(mine),))
@@ -159,51 +165,77 @@ class VectorStore:
             self._codes[iid] = arr.reshape(n, code_size)
 
     def _load_cls_index(self) -> ClsIndex:
-        snap_seq, snapshot = self._read_snapshot()
-        cls = ClsIndex(self.config.dim, self.config.cls_factory, snapshot)
-        if snapshot is None:
+        """The snapshot plus the changes after it, or, when there is no usable snapshot or the result
+        does not hold exactly the table's items, the whole index rebuilt from the table."""
+        cls = self._cls_from_snapshot()
+        if cls is not None and len(cls) != len(self._codes):
+            self._warn_rebuild(f"holds {len(cls)} items after replay, the table {len(self._codes)}")
+            cls = None
+        if cls is None:
+            cls = ClsIndex(self.config.dim, self.config.cls_factory)
             rows = self._db.execute("SELECT iid, cls FROM items ORDER BY iid")
             cls.add([(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
-        else:
-            for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (snap_seq,)):
-                if op == "del":
-                    cls.remove(iid)
-                else:
-                    row = self._db.execute("SELECT cls FROM items WHERE iid = ?", (iid,)).fetchone()
-                    if row is not None:
-                        cls.add([(iid, np.frombuffer(row[0], dtype=np.float32))])
-            cls.hide_all_but(set(self._codes))
         if self.config.use_gpu:
             cls.place_on_gpu()
         return cls
+
+    def _cls_from_snapshot(self) -> ClsIndex | None:
+        if not self.snapshot_path.is_file():
+            return None
+        identity = self._snapshot_identity(self._recorded_snapshot_seq())
+        try:
+            index = read_snapshot(self.snapshot_path, identity)
+        except UnreadableSnapshot as exc:
+            self._warn_rebuild(str(exc))
+            return None
+        cls = ClsIndex(self.config.dim, self.config.cls_factory, index)
+        for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (identity.seq,)):
+            if op == "del":
+                cls.remove(iid)
+            else:
+                row = self._db.execute("SELECT cls FROM items WHERE iid = ?", (iid,)).fetchone()
+                if row is not None:
+                    cls.add([(iid, np.frombuffer(row[0], dtype=np.float32))])
+        cls.hide_all_but(set(self._codes))
+        return cls
+
+    def _warn_rebuild(self, why: str) -> None:
+        self.snapshot_warning = f"{self.snapshot_path.name} not used ({why}); rebuilt from {self.db_path.name}"
+        log.warning("%s: %s", self.path, self.snapshot_warning)
+
+    def _snapshot_identity(self, seq: int) -> SnapshotIdentity:
+        store_id = (self._meta("store_id") or b"").decode()
+        return SnapshotIdentity(store_id, seq, self.config.dim, self.config.cls_factory)
+
+    def _recorded_snapshot_seq(self) -> int:
+        """The change number of the last snapshot this table recorded (-1: none recorded), so an older
+        or newer file, or one copied from elsewhere, is told apart from the current one."""
+        raw = self._meta("snapshot_seq")
+        return int(raw) if raw is not None else -1
 
     @property
     def gpu(self) -> bool:
         return self._cls.gpu
 
     # -- snapshots ------------------------------------------------------------------------------
-    def _read_snapshot(self) -> tuple[int, faiss.Index | None]:
-        if not self.snapshot_path.is_file():
-            return 0, None
-        try:
-            return read_snapshot(self.snapshot_path, self.config.dim, self.config.cls_factory)
-        except UnreadableSnapshot as exc:  # only a cache of items.sqlite: rebuild rather than refuse to start
-            self.snapshot_warning = f"{self.snapshot_path}: unreadable ({exc}); rebuilt from {self.db_path.name}"
-            return 0, None
-
     def snapshot(self) -> None:
-        """Write the CLS index with the change sequence it contains; atomic by rename."""
+        """Write the CLS index with the change number it contains (atomic by rename), then record that
+        number in the table in the same transaction that drops the changes it covers. A crash between
+        the two leaves a file the table does not name: the next start rebuilds instead of trusting it."""
         with self._lock:
             self.check_writable()
             index = self._cls.snapshot_view()
             if index is None:  # untrained index: the pending vectors are replayed from the log
                 return
             seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+            seq = max(seq, self._recorded_snapshot_seq())
             try:
-                write_snapshot(self.snapshot_path, index, seq, self.config.dim, self.config.cls_factory)
+                write_snapshot(self.snapshot_path, index, self._snapshot_identity(seq))
             except OSError as exc:
-                raise ReadOnlyStore(f"cannot write {self.snapshot_path}: {exc.strerror}") from exc
-            self._db.execute("DELETE FROM changes WHERE seq <= ?", (seq,))
+                raise ReadOnlyStore(f"cannot write {self.snapshot_path.name}: {exc.strerror}") from exc
+            with self._transaction():
+                self._db.execute("DELETE FROM changes WHERE seq <= ?", (seq,))
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('snapshot_seq', ?)", (str(seq).encode(),))
             self._changes_since_snapshot = 0
 
     # -- writes ---------------------------------------------------------------------------------
@@ -213,6 +245,11 @@ class VectorStore:
         items = [self._pooled(it) for it in items]
         for it in items:
             self._validate(it)
+        seen: set[str] = set()
+        for it in items:
+            if it.id in seen:
+                raise DuplicateItem(f"item id {it.id!r} appears more than once in one write")
+            seen.add(it.id)
         with self._lock:
             encoded = [self._active.encode(it.vectors) for it in items]
             statuses, added, removed = [], [], []
@@ -262,14 +299,21 @@ class VectorStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One durable SQLite transaction; a full or read-only disk becomes ReadOnlyStore."""
+        """One durable SQLite transaction; a full or read-only disk becomes ReadOnlyStore.
+
+        Any failure inside rolls back, whatever its type: a transaction left open would let reads see
+        rows never committed and a later snapshot record change numbers that the rollback then frees
+        for reuse (the replay after a crash skipped the acknowledged item that reused one)."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            yield
-            self._db.execute("COMMIT")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
         except sqlite3.OperationalError as exc:
-            with contextlib.suppress(sqlite3.OperationalError):
-                self._db.execute("ROLLBACK")
             if is_write_refusal(exc):
                 raise ReadOnlyStore(f"cannot write {self.db_path}: {exc}") from exc
             raise
