@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index import ReadOnlyStore, UnknownItem
+from index import DuplicateItem, ReadOnlyStore, UnknownItem
 from service import metrics
 
 
@@ -43,6 +43,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownItem)
     async def _unknown(_: Request, exc: UnknownItem) -> JSONResponse:
         return error_response(404, "unknown_id", str(exc.args[0]))
+
+    @app.exception_handler(DuplicateItem)
+    async def _duplicate(_: Request, exc: DuplicateItem) -> JSONResponse:
+        return error_response(422, "duplicate_id", str(exc.args[0]))
 
     @app.exception_handler(ReadOnlyStore)
     async def _readonly(_: Request, exc: ReadOnlyStore) -> JSONResponse:

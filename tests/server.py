@@ -27,6 +27,7 @@ class Server:
     url: str
     proc: subprocess.Popen
     log: Path
+    data_dir: Path | None = None
 
     def client(self, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -66,7 +67,7 @@ def running_server(
             stderr=subprocess.STDOUT,
             preexec_fn=preexec,
         )
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    server = Server(f"http://127.0.0.1:{port}", proc, log, Path(data_dir))
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:

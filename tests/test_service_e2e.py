@@ -164,6 +164,20 @@ BAD_REQUESTS = [
     ("post", "/search/image", {"files": {"file": ("x.jpg", b"garbage", "image/jpeg")}}, 400, "invalid_image"),
     ("post", "/embed/text", {"json": {"texts": []}}, 422, "invalid_request"),
     ("get", "/items/does-not-exist", {}, 404, "unknown_id"),
+    # issue #15: lone UTF-16 surrogates, metadata no later read could return, one id twice
+    *[
+        ("post", path, {"content": body, "headers": {"content-type": "application/json"}}, 422, "invalid_text")
+        for path, body in (
+            ("/search/text", b'{"query": "a \\ud800"}'),
+            ("/embed/text", b'{"texts": ["\\udc80"]}'),
+        )
+    ],
+    *[
+        ("post", "/items", {"files": files(jpeg(4)), "data": {"metadata": [meta]}}, 422, "invalid_metadata")
+        for meta in ('{"x": "\\ud800"}', '{"x": NaN}', '{"x": Infinity}', '{"x": ' * 5000 + "1" + "}" * 5000)
+    ],
+    ("post", "/items", {"files": files(jpeg(4), jpeg(5)), "data": {"ids": ["dup", "dup"]}}, 422, "duplicate_id"),
+    ("post", "/items", {"files": files(jpeg(6), jpeg(6))}, 422, "duplicate_id"),  # same bytes, same derived id
     ("get", "/items", {"params": {"limit": 0}}, 422, "invalid_request"),
     ("get", "/no/such/route", {}, 404, "not_found"),
 ]
@@ -408,3 +422,27 @@ def test_a_lone_search_reranks_on_every_core_and_searches_side_by_side_on_one(tm
     state = AppState(Settings(data_dir=tmp_path, lone_search_threads=3))
     state.active_requests = 1
     assert state.rerank_threads() == 3
+
+
+def test_a_refused_duplicate_write_leaves_no_trace_and_the_next_write_works(client):
+    """Issue #15 defect 1: it answered 500, left the transaction open (GET /items/dup answered 200 for an
+    uncommitted item) and every later write failed."""
+    r = client.post("/items", files=files(jpeg(21), jpeg(22)), data={"ids": ["dup-x", "dup-x"]})
+    assert r.status_code == 422 and error_of(r) == "duplicate_id"
+    assert client.get("/items/dup-x").status_code == 404
+    r = client.post("/items", files=files(jpeg(23)), data={"ids": ["after-dup"]})
+    assert r.status_code == 200, r.text
+    assert client.get("/thumbnails/after-dup").status_code == 200
+
+
+def test_delete_removes_the_thumbnail_and_a_refused_write_leaves_none(server, client):
+    """Issue #15 defect 6: thumbnails outlived their items and failed writes."""
+    thumbs = Path(server.data_dir) / "thumbnails"
+    before = set(thumbs.iterdir())
+    r = client.post("/items", files=files(jpeg(31)), data={"ids": ["thumbed"]})
+    assert r.status_code == 200
+    assert len(set(thumbs.iterdir()) - before) == 1
+    assert client.delete("/items/thumbed").status_code == 200
+    assert set(thumbs.iterdir()) == before
+    r = client.post("/items", files=files(jpeg(32), jpeg(32)))  # refused: the same derived id twice
+    assert r.status_code == 422 and set(thumbs.iterdir()) == before

@@ -78,9 +78,20 @@ async def all_in_order(awaitables: list[Awaitable[T]]) -> list[T]:
     return results
 
 
+def check_unicode(text: str, field: str) -> str:
+    """JSON may carry lone UTF-16 surrogates (`"\\ud800"`), which no tokenizer, database or response
+    can encode: refuse them here, by name, instead of failing later with a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(422, "invalid_text", f"{field} is not valid Unicode text ({exc.reason} at {exc.start})") from exc
+    return text
+
+
 def check_text(state: AppState, text: str, field: str = "query") -> str:
     if not isinstance(text, str) or not text.strip():
         raise ApiError(422, "empty_text", f"{field} is empty")
+    check_unicode(text, field)
     if len(text) > state.settings.max_query_chars:
         raise ApiError(
             413,

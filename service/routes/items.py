@@ -12,7 +12,7 @@ from index.store import ItemInput
 from service import metrics
 from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
-from service.routes.common import all_in_order, decode_upload, embed_image_list
+from service.routes.common import all_in_order, check_unicode, decode_upload, embed_image_list
 
 router = APIRouter(tags=["items"])
 
@@ -21,15 +21,44 @@ def thumb_path(state: AppState, item_id: str):
     return state.thumbs / f"{hashlib.sha1(item_id.encode()).hexdigest()}.jpg"
 
 
+MAX_METADATA_DEPTH = 32
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _depth(value: object) -> int:
+    """Nesting depth, without recursion (a deep value must not become a RecursionError)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_METADATA_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_metadata(raw: str | None, filename: str) -> dict:
+    """A JSON object that every later read can return: strict JSON (no NaN/Infinity, which would come
+    back as null), nested at most MAX_METADATA_DEPTH deep, and encodable as UTF-8 (no lone surrogates)."""
     if raw is None or raw == "":
         return {}
     try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise ApiError(422, "invalid_metadata", f"{filename}: metadata is not valid JSON ({exc})") from exc
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ApiError(422, "invalid_metadata", f"{filename}: metadata is not valid JSON ({reason})") from exc
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_metadata", f"{filename}: metadata must be a JSON object")
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise ApiError(422, "invalid_metadata", f"{filename}: metadata nests deeper than {MAX_METADATA_DEPTH}")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(422, "invalid_metadata", f"{filename}: metadata holds text that is not valid Unicode") from exc
     return value
 
 
@@ -47,6 +76,9 @@ async def add_items(
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
     if ids is not None and len(ids) != len(files):
         raise ApiError(422, "ids_mismatch", f"{len(ids)} ids for {len(files)} files")
+    if ids is not None and len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ApiError(422, "duplicate_id", f"ids must be unique within a request; repeated: {twice[:5]}")
     if metadata is not None and len(metadata) != len(files):
         raise ApiError(422, "metadata_mismatch", f"{len(metadata)} metadata entries for {len(files)} files")
     metas = []
@@ -55,6 +87,8 @@ async def add_items(
         item_id = ids[i] if ids else None
         if item_id is not None and not 1 <= len(item_id) <= 512:
             raise ApiError(422, "invalid_id", f"{name}: ids must be 1 to 512 characters")
+        if item_id is not None:
+            check_unicode(item_id, f"{name}: id")
         meta = parse_metadata(metadata[i] if metadata else None, name)
         meta.setdefault("filename", name)
         metas.append(meta)
@@ -62,11 +96,14 @@ async def add_items(
     decoded = await all_in_order([decode_upload(state, upload, size) for upload in files])
     embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
     items = []
-    for i, ((data, thumb, _), emb) in enumerate(zip(decoded, embeddings, strict=True)):
+    for i, ((data, _, _), emb) in enumerate(zip(decoded, embeddings, strict=True)):
         item_id = ids[i] if ids else hashlib.sha1(data).hexdigest()
         items.append(ItemInput(item_id, emb.cls, emb.patches, metas[i]))
-        await run_in_threadpool(_write_thumb, thumb_path(state, item_id), thumb)
     statuses = await run_in_threadpool(state.store.add, items)
+    # Thumbnails follow the durable write, so a refused write leaves none behind; a crash between the
+    # two loses only a thumbnail (the page shows none; the item is searchable).
+    for it, (_, thumb, _) in zip(items, decoded, strict=True):
+        await run_in_threadpool(_write_thumb, thumb_path(state, it.id), thumb)
     metrics.ITEMS.set(len(state.store))
     return {"items": [{"id": it.id, "status": st} for it, st in zip(items, statuses, strict=True)]}
 
@@ -103,6 +140,7 @@ def get_item(item_id: str, state: AppState = Depends(get_state)) -> dict:
 async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> dict:
     state.store.check_writable()
     await run_in_threadpool(state.store.delete, item_id)
+    thumb_path(state, item_id).unlink(missing_ok=True)
     metrics.ITEMS.set(len(state.store))
     return {"id": item_id, "status": "deleted"}
 
