@@ -57,6 +57,17 @@ class TextConfig:
 
 
 @dataclass
+class FineGrainedConfig:
+    """A separate projection for the vectors CMLI and `explain` use (issue #14): patch vectors from
+    image-tower block `vision_layer`, token vectors from the text tower's output, each through
+    LayerNorm -> (an MLP of width `hidden`, when > 0) -> Linear to `proj_dim`. The global CLS path
+    is untouched, so retrieval by CLS stays exactly as trained."""
+
+    vision_layer: int = 10
+    hidden: int = 0
+
+
+@dataclass
 class EmkumConfig:
     name: str = "emkum"
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -70,6 +81,7 @@ class EmkumConfig:
     tte_layer_scale_init: float = 1e-5
     proj_dim: int = 256  # FILIP's token dimension
     teacher_dim: int | None = 1280  # KD regression head output (EfficientNet-Lite0 features)
+    fine_grained: FineGrainedConfig | None = None  # None: patches and tokens come from the shared block
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +99,8 @@ class EmkumConfig:
                 vision[key] = tuple(vision[key])
         kwargs["vision"] = VisionConfig(**vision)
         kwargs["text"] = TextConfig(**kwargs.pop("text", {}))
+        if kwargs.get("fine_grained") is not None:
+            kwargs["fine_grained"] = FineGrainedConfig(**kwargs["fine_grained"])
         return cls(**kwargs)
 
 

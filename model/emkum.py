@@ -16,7 +16,7 @@ from torch import nn
 
 from model.config import EmkumConfig
 from model.encoders import TextTransformer, VisionTransformer
-from model.layers import Block, LayerScale, key_padding_bias
+from model.layers import Block, LayerScale, Mlp, key_padding_bias
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
 
@@ -50,6 +50,25 @@ class RegressionHead(nn.Module):
         return self.linear(self.norm(x))
 
 
+class FineGrainedHead(nn.Module):
+    """LayerNorm -> optional residual MLP -> Linear to the CMLI space, L2-normalised (issue #14).
+
+    Trained on frozen tower features with token-level objectives (training/fine_grained.py); kept
+    apart from the CLS projection so that making words point cannot cost global retrieval."""
+
+    def __init__(self, width: int, out_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = Mlp(width, hidden) if hidden > 0 else None
+        self.proj = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.mlp is not None:
+            x = x + self.mlp(x)
+        return F.normalize(self.proj(x), dim=-1)
+
+
 class Emkum(nn.Module):
     def __init__(self, cfg: EmkumConfig) -> None:
         super().__init__()
@@ -71,6 +90,11 @@ class Emkum(nn.Module):
         self.image_proj = nn.Linear(cfg.width, cfg.proj_dim, bias=False)
         self.text_proj = nn.Linear(cfg.width, cfg.proj_dim, bias=False)
         self.kd_head = RegressionHead(cfg.width, cfg.teacher_dim) if cfg.teacher_dim else None
+        fg = cfg.fine_grained
+        if fg is not None and not 1 <= fg.vision_layer <= cfg.vision.depth:
+            raise ValueError(f"fine_grained.vision_layer must be 1..{cfg.vision.depth}, got {fg.vision_layer}")
+        self.fg_image = FineGrainedHead(cfg.vision.width, cfg.proj_dim, fg.hidden) if fg else None
+        self.fg_text = FineGrainedHead(cfg.text.width, cfg.proj_dim, fg.hidden) if fg else None
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -91,15 +115,21 @@ class Emkum(nn.Module):
     # -- public ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor, with_kd: bool = True) -> ImageOutput:
         before = self._type_vector(IMAGE_TYPE) if self.cfg.tte == "before" else None
-        hidden = self._shared(self.vision_adapter(self.vision(pixels, before)), IMAGE_TYPE, None)
+        keep = (self.cfg.fine_grained.vision_layer,) if self.fg_image is not None else ()
+        tower, layers = self.vision.forward_layers(pixels, before, keep)
+        hidden = self._shared(self.vision_adapter(tower), IMAGE_TYPE, None)
         emb = F.normalize(self.image_proj(hidden), dim=-1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        return ImageOutput(cls=emb[:, 0], patches=emb[:, 1:], hidden=hidden, kd=kd)
+        patches = self.fg_image(layers[keep[0]][:, 1:]) if keep else emb[:, 1:]
+        return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:
         before = self._type_vector(TEXT_TYPE) if self.cfg.tte == "before" else None
-        hidden = self._shared(self.text_adapter(self.text(ids, mask, before)), TEXT_TYPE, mask)
+        tower = self.text(ids, mask, before)
+        hidden = self._shared(self.text_adapter(tower), TEXT_TYPE, mask)
         emb = F.normalize(self.text_proj(hidden), dim=-1)
+        if self.fg_text is not None:  # position 0 stays the CLS vector; the rest are the words' CMLI vectors
+            emb = torch.cat([emb[:, :1], self.fg_text(tower[:, 1:])], dim=1)
         t = self.cfg.text
         word = mask.to(torch.bool) & (ids != t.cls_token_id) & (ids != t.sep_token_id)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None

@@ -29,15 +29,27 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def forward(self, pixels: torch.Tensor, input_offset: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_layers(pixels, input_offset)[0]
+
+    def forward_layers(
+        self, pixels: torch.Tensor, input_offset: torch.Tensor | None = None, keep: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The normed output and the raw outputs of the blocks numbered in `keep` (1 = the first).
+
+        Seed 004 lets CMLI read any layer l; the fine-grained head reads one below the top, where
+        the patch vectors are still local and not yet dominated by one shared direction."""
         patches = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         if input_offset is not None:  # token-type embedding before the encoder (seed 003, eq. 2)
             x = x + input_offset
         shared = self.rel_pos[0]() if self.cfg.rel_pos_bias == "shared" else None
-        for i, block in enumerate(self.blocks):
-            bias = self.rel_pos[i]() if self.cfg.rel_pos_bias == "per_layer" else shared
+        kept: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks, start=1):
+            bias = self.rel_pos[i - 1]() if self.cfg.rel_pos_bias == "per_layer" else shared
             x = block(x, bias)
-        return self.norm(x)
+            if i in keep:
+                kept[i] = x
+        return self.norm(x), kept
 
 
 class TextTransformer(nn.Module):

@@ -59,6 +59,23 @@ def train(
     typer.echo(json.dumps({"best": summary["best"], "seconds": summary["seconds"]}, indent=2))
 
 
+@app.command("train-fine-grained")
+def train_fine_grained(
+    config: Annotated[Path | None, typer.Option(help="a .toml with FineGrainedRun keys")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a key: --set train.epochs=5")] = [],  # noqa: B006
+) -> None:
+    """Train the fine-grained head (the vectors CMLI rerank and `explain` use) of an existing model on
+    cached frozen tower features: runs on CPU in minutes; the CLS path is left as it was."""
+    import tomllib
+
+    from training.fine_grained import FineGrainedRun, run
+
+    base = tomllib.loads(config.read_text()) if config else {}
+    cfg = FineGrainedRun.model_validate(_merge(base, parse_overrides(set_)))
+    summary = run(cfg)
+    typer.echo(json.dumps({"out": summary["out"], "final": summary["history"][-1]}, indent=2))
+
+
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
 
 
@@ -114,13 +131,27 @@ def evaluate(
     providers: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32, or fp16 for the model's fp16 graphs")] = "fp32",
     json_out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
+    half: Annotated[
+        str, typer.Option(help="a fixed half of the split by image key: a (tune on it), b (report on it) or all")
+    ] = "all",
+    fine_grained: Annotated[bool, typer.Option(help="also collage pointing and the one-word-swap choice")] = True,
 ) -> None:
-    """Recall@1/5/10 both ways and Mean6, CLS-only and with CMLI rerank, through ONNX Runtime and the index.
-    Prints one JSON object with keys `cls` and `rerank`."""
+    """Recall@1/5/10 both ways and Mean6, CLS-only and with CMLI rerank, through ONNX Runtime and the index;
+    with --fine-grained (default) also collage pointing (2x2, 3x3) and the swapped-word choice test.
+    Prints one JSON object with keys `cls`, `rerank`, `pointing` and `choice`."""
     from training.eval_exported import evaluate_exported
 
     spec = data if data.count(":") >= 3 else f"{data}:{split}"
-    result = evaluate_exported(model, spec, candidates, limit=limit, providers=providers, precision=precision)
+    result = evaluate_exported(
+        model,
+        spec,
+        candidates,
+        limit=limit,
+        providers=providers,
+        precision=precision,
+        half=half,
+        fine_grained=fine_grained,
+    )
     text = json.dumps(result, indent=2)
     if json_out:
         json_out.write_text(text)

@@ -139,3 +139,20 @@ def load_images(pairs: list[Pair], size: int, desc: str = "decode") -> np.ndarra
     for i, pair in enumerate(tqdm(pairs, desc=desc, unit="img", leave=False)):
         out[i] = decode_square(pair.read(), size)
     return out
+
+
+def half_of(key: str) -> str:
+    """'a' or 'b': a fixed split of any set by the image key's CRC-32, so choices made on half a (weights,
+    layers, thresholds) are reported on half b, which nothing was tuned on."""
+    import zlib
+
+    return "ab"[zlib.crc32(key.encode()) % 2]
+
+
+def select_half(pairs: list[Pair], half: str | None) -> list[Pair]:
+    """The pairs of half 'a' or 'b' (None or 'all': every pair)."""
+    if half in (None, "all"):
+        return pairs
+    if half not in ("a", "b"):
+        raise ValueError(f"half must be 'a', 'b' or 'all', got {half!r}")
+    return [p for p in pairs if half_of(p.key) == half]

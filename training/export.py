@@ -10,6 +10,7 @@ integer mask. Their inputs and outputs stay fp32, so serving code is the same fo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -177,6 +178,11 @@ def model_card(model: Emkum, header: dict, name: str, parity: dict[str, dict]) -
             "candidates": int(val.get("candidates", 20)),
         },
         "metrics": {"val": {k: val[k] for k in ("cls", "rerank", "cmli_only") if k in val}},
+        # where the CMLI / explain vectors come from: None = the shared block's projection, else the
+        # fine-grained head (model/emkum.py FineGrainedHead) and how it was trained and chosen
+        "fine_grained": None
+        if cfg.fine_grained is None
+        else {**dataclasses.asdict(cfg.fine_grained), **extra.get("fine_grained", {})},
         "training": extra.get("train_config", {}),
         "init": header["init"].to_dict(),
         "model_config": cfg.to_dict(),

@@ -1,0 +1,220 @@
+"""The fine-grained channel's pieces (issue #14), each on a case whose answer is built in: collages,
+the pointing tally, the swapped-word negatives, the val halves, the fine-grained head in the model
+and its export, and the head trainer learning to point on synthetic features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import InitRecipe, build_model, load_checkpoint, save_checkpoint
+from model.config import FineGrainedConfig, load_config
+from training.collage import cell_edges, collage_groups, make_collage, patch_cells
+from training.data import Pair, half_of, select_half
+from training.pointing import PointingTally, common_share, patch_locality, word_groups
+from training.swaps import KINDS, PLURAL_NOUNS, make_swaps, swap_word
+
+
+def test_collage_puts_each_image_in_its_cell_and_patches_know_their_cell():
+    colours = [np.full((10, 10, 3), c, dtype=np.uint8) for c in (10, 80, 160, 240)]
+    collage = make_collage(colours, 32)
+    assert collage.shape == (32, 32, 3)
+    for i, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        assert (collage[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] == colours[i][0, 0]).all()
+    np.testing.assert_array_equal(patch_cells(4, 2), [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])
+    # 3x3 on the default model's 16 x 16 patches of 14 px: each patch's centre pixel lies in its cell
+    edges = cell_edges(224, 3)
+    centre = 14 * np.arange(16) + 7
+    row_cell = np.searchsorted(edges, centre, side="right") - 1
+    np.testing.assert_array_equal(patch_cells(16, 3), (row_cell[:, None] * 3 + row_cell[None, :]).ravel())
+    with pytest.raises(ValueError, match="square number"):
+        make_collage(colours[:3], 32)
+    groups = collage_groups(10, 2)
+    assert groups.shape == (2, 4) and len(set(groups.ravel())) == 8
+
+
+def test_pointing_tally_counts_a_built_in_answer_and_sees_an_inverted_map():
+    tokens = ["[CLS]", "a", "skate", "##board", "on", "the", "grass", "[SEP]"]
+    assert [w for w, _ in word_groups(tokens)] == ["a", "skateboard", "on", "the", "grass"]
+    cells = patch_cells(4, 2)  # 16 patches, 4 per cell
+    word_mask = np.array([0, 1, 1, 1, 1, 1, 1, 0], dtype=np.float32)
+    sim = np.zeros((8, 16), dtype=np.float32)
+    sim[:, cells == 3] = 0.5  # every token likes cell 3 best, the caption's own cell
+    right, wrong = PointingTally(), PointingTally()
+    right.add(sim, tokens, word_mask, cells, cell=3)
+    wrong.add(sim, tokens, word_mask, cells, cell=0)
+    assert right.summary()["words"] == 2  # skateboard, grass: the content words
+    assert right.summary()["word_pointing"] == 100.0 and right.summary()["caption_cell"] == 100.0
+    assert wrong.summary()["word_pointing"] == 0.0 and wrong.summary()["caption_cell"] == 0.0
+    assert right.summary()["cell_contrast"] > 0 > wrong.summary()["cell_contrast"]  # inverted map
+
+
+def test_locality_and_common_share_on_vectors_with_known_structure(rng):
+    cells = patch_cells(4, 2)
+    local = np.eye(4)[cells] + 0.01 * rng.normal(size=(16, 4))  # each cell its own direction
+    assert patch_locality(local, cells, neighbours=3) == 1.0
+    assert common_share(np.ones((16, 4))) == pytest.approx(1.0)
+    assert common_share(local) == pytest.approx(0.25, abs=0.02)  # four orthogonal directions
+
+
+def test_swaps_change_one_word_to_another_of_its_kind_that_the_image_never_mentions():
+    captions = [
+        ["A black dog runs on the grass .", "A dog in a field ."],
+        ["Two men play soccer on a beach .", "Men playing with a ball ."],
+        ["A girl in a red dress sits under a tree .", "A child in red ."],
+        ["Three women walk in the snow .", "Women in white coats ."],
+    ]
+    swaps = make_swaps(captions, seed=0)
+    assert {s.kind for s in swaps} == set(KINDS)
+    for s in swaps:
+        before, after = s.positive.split(), s.negative.split()
+        changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][0].lower() == s.old and changed[0][1].lower() == s.new
+        assert s.new in KINDS[s.kind] and s.old in KINDS[s.kind]
+        own = {w.lower().strip(".") for c in captions[s.image] for w in c.split()}
+        assert s.new not in own  # the swap must change what the caption says about this image
+        if s.kind == "noun":
+            assert (s.old in PLURAL_NOUNS) == (s.new in PLURAL_NOUNS)
+    assert swap_word("Dogs and a dog", "dogs", "cats") == "Cats and a dog"
+    # a swap is skipped when every candidate is a synonym or already in the image's captions
+    assert not [s for s in make_swaps([["A man ."], ["A person ."]]) if s.kind == "noun" and s.image == 0]
+
+
+def test_val_halves_are_fixed_disjoint_and_cover_the_split():
+    pairs = [Pair(f"img{i}.jpg", ["c"], lambda: b"") for i in range(400)]
+    a, b = select_half(pairs, "a"), select_half(pairs, "b")
+    assert len(a) + len(b) == 400 and not {p.key for p in a} & {p.key for p in b}
+    assert 150 < len(a) < 250
+    assert [half_of(p.key) for p in a] == ["a"] * len(a)
+    assert select_half(pairs, "all") == pairs
+    with pytest.raises(ValueError, match="half"):
+        select_half(pairs, "c")
+
+
+def _tiny(fine_grained: FineGrainedConfig | None):
+    cfg = load_config("emkum-tiny")
+    cfg.fine_grained = fine_grained
+    return build_model(cfg, InitRecipe(), seed=0).eval()
+
+
+def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
+    plain = _tiny(None)
+    fg = _tiny(FineGrainedConfig(vision_layer=1, hidden=8))
+    fg.load_state_dict(plain.state_dict(), strict=False)  # same towers, block and projections
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[101, 2000, 3000, 102], [101, 2500, 102, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        a, b = plain.encode_image(pixels), fg.encode_image(pixels)
+        ta, tb = plain.encode_text(ids, mask), fg.encode_text(ids, mask)
+    torch.testing.assert_close(a.cls, b.cls)
+    torch.testing.assert_close(ta.cls, tb.cls)
+    torch.testing.assert_close(tb.tokens[:, 0], tb.cls)  # position 0 stays the CLS vector
+    assert not torch.allclose(a.patches, b.patches) and not torch.allclose(ta.tokens[:, 1:], tb.tokens[:, 1:])
+    torch.testing.assert_close(b.patches.norm(dim=-1), torch.ones(2, 16))
+    with torch.no_grad():  # the head reads block 1's output, nothing above it
+        _, kept = fg.vision.forward_layers(pixels, None, (1,))
+        torch.testing.assert_close(b.patches, fg.fg_image(kept[1][:, 1:]))
+    with pytest.raises(ValueError, match="vision_layer"):
+        _tiny(FineGrainedConfig(vision_layer=9))
+
+
+def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
+    from training.export import export
+
+    model = _tiny(FineGrainedConfig(vision_layer=2, hidden=0))
+    save_checkpoint(tmp_path / "fg.safetensors", model, InitRecipe(), seed=0)
+    again, header = load_checkpoint(tmp_path / "fg.safetensors")
+    assert header["config"].fine_grained == FineGrainedConfig(vision_layer=2, hidden=0)
+    torch.testing.assert_close(again.fg_text.proj.weight, model.fg_text.proj.weight)
+    card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
+    assert card["model_config"]["fine_grained"] == {"vision_layer": 2, "hidden": 0}
+    assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["fine_grained"]["vision_layer"] == 2
+
+
+CONCEPTS = ["dog", "car", "tree", "boat"]
+
+
+def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8):
+    """A feature cache in training/feature_cache.py's layout where the answer is known: image i shows
+    concept i % 4 in all its 16 patches, its captions name it ("a dog"), text features carry the
+    concept in another (rotated) basis, and each 2x2 collage holds four different concepts."""
+    from model.pretrained import minilm_dir
+    from service.tokenizer import TextTokenizer
+
+    folder.mkdir(parents=True)
+    concept = np.arange(n_images) % 4
+    basis = np.eye(width)[:4]
+    rotation, _ = np.linalg.qr(np.random.default_rng(7).normal(size=(width, width)))  # one 'language' for all splits
+
+    def noisy(x):
+        return (x + 0.1 * rng.normal(size=x.shape)).astype(np.float16)
+
+    single = noisy(np.repeat(basis[concept][:, None, :], 16, axis=1))
+    np.save(folder / "single_block1.npy", single)
+    groups = np.stack([rng.permutation(np.arange(4 * j, 4 * j + 4)) for j in range(n_images // 4)])
+    cells = patch_cells(4, 2)
+    np.save(folder / "collage2_block1.npy", noisy(basis[concept[groups]][:, cells, :]))
+    np.save(folder / "collage2_images.npy", groups)
+    captions = [f"a {CONCEPTS[c]}" for c in concept for _ in range(2)]
+    batch = TextTokenizer(minilm_dir() / "tokenizer.json")(captions)  # [CLS] a <concept> [SEP]
+    assert batch.ids.shape[1] == 4
+    tokens = rng.normal(size=(len(captions), 40, width)) * 0.1
+    tokens[:, 2] += (basis[np.repeat(concept, 2)]) @ rotation
+    tokens[:, :2] += np.eye(width)[[5, 6]] @ rotation  # [CLS] and "a": one fixed direction each, no concept
+    np.save(folder / "text_tokens.npy", tokens.astype(np.float16))
+    word = np.zeros((len(captions), 40), dtype=np.float32)
+    word[:, 1:3] = 1
+    content = np.zeros_like(word)
+    content[:, 2] = 1
+    np.save(folder / "text_word_mask.npy", word)
+    np.save(folder / "text_content_mask.npy", content)
+    np.save(folder / "caption_image.npy", np.repeat(np.arange(n_images), 2))
+    cls = rng.normal(size=(n_images, 16)).astype(np.float32)
+    np.save(folder / "single_cls.npy", cls / np.linalg.norm(cls, axis=1, keepdims=True))
+    np.save(folder / "text_cls.npy", np.repeat(cls / np.linalg.norm(cls, axis=1, keepdims=True), 2, axis=0))
+    meta = {
+        "layers": [1],
+        "dim": 16,
+        "images": n_images,
+        "captions": len(captions),
+        "keys": [str(i) for i in range(n_images)],
+    }
+    (folder / "meta.json").write_text(json.dumps({**meta, "captions_text": captions}))
+
+
+def test_the_head_trainer_learns_to_point_on_features_with_a_known_answer(tmp_path, rng):
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import FineGrainedTrainConfig, Heads, evaluate_heads, train_heads
+
+    synthetic_cache(tmp_path / "train", rng)
+    synthetic_cache(tmp_path / "val", np.random.default_rng(99))
+    train, val = SplitFeatures.load(tmp_path / "train"), SplitFeatures.load(tmp_path / "val")
+    cfg = FineGrainedTrainConfig(layer=1, epochs=8, batch=32, collage_batch=16, lr=1e-2, candidates=8)
+    torch.manual_seed(0)
+    before = evaluate_heads(Heads(8, 8, 16, 0), val, cfg)
+    heads, history = train_heads(train, val, cfg)
+    after = history[-1]
+    assert after["pointing2"] >= 98 and after["cell2"] >= 98, after
+    assert before["pointing2"] < 60, before  # an untrained head points near chance (25%)
+    assert after == {**after, **evaluate_heads(heads, val, cfg)}  # the history is the evaluation
+
+
+def test_heads_go_into_the_model_they_were_trained_for(rng):
+    from training.fine_grained import FineGrainedTrainConfig, Heads, heads_into_model
+
+    plain = _tiny(None)
+    heads = Heads(plain.cfg.vision.width, plain.cfg.text.width, plain.cfg.proj_dim, 0)
+    with torch.no_grad():
+        heads.image.proj.weight.normal_()
+    merged = heads_into_model(plain, heads, FineGrainedTrainConfig(layer=2))
+    assert merged.cfg.fine_grained == FineGrainedConfig(vision_layer=2, hidden=0)
+    assert plain.cfg.fine_grained is None  # the original is left as it was
+    torch.testing.assert_close(merged.fg_image.proj.weight, heads.image.proj.weight)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.encode_image(pixels).cls, plain.encode_image(pixels).cls)

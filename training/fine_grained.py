@@ -1,0 +1,357 @@
+"""Train the fine-grained head (model/emkum.py FineGrainedHead) on cached frozen tower features.
+
+Why a separate head on frozen features: the served patch vectors are 94% one shared direction and
+their words point at the right collage cell barely above chance (docs/fine-grained.md), while the
+image tower's own block outputs are local (a patch's nearest patches lie in its own cell 94% of the
+time). So locality is there; what is missing is a projection in which words meet the patches that
+show them. Training only that projection keeps the CLS path exactly as it was, and on cached features
+it runs on two CPU cores in minutes.
+
+Objectives (weights in FineGrainedTrainConfig):
+- `filip`: FILIP's InfoNCE over CMLI scores (seed 004, eq. 3 and 4) between single images and
+  their captions: the token vectors learn to rank (what the rerank needs);
+- `cell`: on 2x2 and 3x3 collages, each tile's caption must score highest (CMLI restricted to a
+  cell's patches) on its own cell: a multiple-instance form of pointing with the answer built in;
+- `word`: each content word's softmax over the collage's patches must put its mass in its caption's
+  cell (the `explain` heatmap is exactly this similarity map).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+
+from model.config import FineGrainedConfig
+from model.emkum import Emkum, FineGrainedHead
+from training.collage import patch_cells
+from training.feature_cache import SplitFeatures
+from training.losses import cmli_contrastive_loss
+from training.metrics import i2t_recall, rerank, summarise, t2i_recall
+
+
+class FineGrainedTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: int = 10  # image-tower block the head reads (a cached one)
+    hidden: int = 0  # MLP width inside the head (0: LayerNorm + Linear)
+    epochs: int = 10
+    batch: int = 128  # single images per FILIP step
+    collage_batch: int = 32  # collages per step
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    filip: float = 1.0
+    cell: float = 1.0
+    word: float = 1.0
+    word_temperature: float = 0.02
+    seed: int = 0
+    candidates: int = 20  # rerank depth the evaluation (and the exported model card) uses
+
+
+class Heads(torch.nn.Module):
+    def __init__(self, vision_width: int, text_width: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.image = FineGrainedHead(vision_width, dim, hidden)
+        self.text = FineGrainedHead(text_width, dim, hidden)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def _caption_rows(feats: SplitFeatures, owners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random caption index for each image in `owners`."""
+    by_image = feats.by_image if hasattr(feats, "by_image") else None
+    if by_image is None:
+        caption_image = feats.array("caption_image")
+        by_image = [[] for _ in range(feats.meta["images"])]
+        for c, i in enumerate(caption_image):
+            by_image[int(i)].append(c)
+        feats.by_image = by_image
+    return np.array([rng.choice(by_image[int(i)]) for i in owners])
+
+
+def _texts(feats: SplitFeatures, rows: np.ndarray, tokens: np.ndarray, word: np.ndarray, content: np.ndarray):
+    """Token features and masks of the captions `rows`, cut to the longest caption among them."""
+    order = np.sort(rows)  # memmap reads in file order, then back to the request order
+    inverse = np.searchsorted(order, rows)
+    n = int(word[order].sum(1).max()) + 2
+    t = torch.from_numpy(np.asarray(tokens[order, :n], dtype=np.float32))[inverse]
+    w = torch.from_numpy(word[order, :n])[inverse]
+    c = torch.from_numpy(content[order, :n])[inverse]
+    return t, w, c
+
+
+def cell_scores(tokens: torch.Tensor, word: torch.Tensor, patches: torch.Tensor, cells: torch.Tensor, g: int):
+    """CMLI (eq. 4) of each caption [C, T, M, d] over each cell of its collage's patches [C, N, d]:
+    [C, T, g*g]; also the raw similarities [C, T, M, N]."""
+    sim = torch.einsum("ctmd,cnd->ctmn", tokens, patches)
+    per_cell = torch.stack([sim[..., cells == k].max(dim=-1).values for k in range(g * g)], dim=-1)  # [C, T, M, cells]
+    scores = (per_cell * word[..., None]).sum(2) / word.sum(2, keepdim=True).clamp_min(1)
+    return scores, sim
+
+
+def collage_losses(heads: Heads, feats: SplitFeatures, g: int, idx: np.ndarray, cfg, rng, cache) -> tuple:
+    patches_all = cache[f"collage{g}"]
+    groups = cache[f"collage{g}_images"][idx]  # [C, g*g] image indices
+    order = np.sort(idx)
+    inverse = np.searchsorted(order, idx)
+    patches = heads.image(torch.from_numpy(np.asarray(patches_all[order], dtype=np.float32))[inverse])
+    rows = _caption_rows(feats, groups.reshape(-1), rng)
+    tok, word, content = _texts(feats, rows, cache["tokens"], cache["word"], cache["content"])
+    tok = heads.text(tok).reshape(len(idx), g * g, tok.shape[1], -1)
+    word = word.reshape(len(idx), g * g, -1)
+    content = content.reshape(len(idx), g * g, -1)
+    cells = torch.from_numpy(patch_cells(math.isqrt(patches.shape[1]), g))
+    scores, sim = cell_scores(tok, word, patches, cells, g)
+    scale = heads.logit_scale.exp().clamp(max=100.0)
+    target = torch.arange(g * g).repeat(len(idx))
+    cell_loss = F.cross_entropy(scale * scores.reshape(-1, g * g), target)
+    # word MIL: log of the softmax mass inside the caption's own cell, for content words
+    logp = F.log_softmax(sim / cfg.word_temperature, dim=-1)  # [C, T, M, N]
+    own = cells[None, None, None, :] == torch.arange(g * g)[None, :, None, None]  # [1, T, 1, N]
+    inside = torch.logsumexp(logp.masked_fill(~own, float("-inf")), dim=-1)  # [C, T, M]
+    word_loss = -(inside * content).sum() / content.sum().clamp_min(1)
+    return cell_loss, word_loss
+
+
+def load_cache(feats: SplitFeatures, layer: int) -> dict:
+    """The arrays a run reads, opened once (memmaps; the patch features stay on disk)."""
+    out = {
+        "single": feats.array(f"single_block{layer}"),
+        "tokens": feats.array("text_tokens"),
+        "word": np.load(feats.folder / "text_word_mask.npy"),
+        "content": np.load(feats.folder / "text_content_mask.npy"),
+    }
+    for g in (2, 3):
+        if (feats.folder / f"collage{g}_block{layer}.npy").is_file():
+            out[f"collage{g}"] = feats.array(f"collage{g}_block{layer}")
+            out[f"collage{g}_images"] = np.load(feats.folder / f"collage{g}_images.npy")
+    return out
+
+
+def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGrainedTrainConfig, log: Path | None = None):
+    """Returns (heads, history). One epoch = every training image once in FILIP steps, with one
+    collage batch (2x2 and 3x3 alternating) per step."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    cache = load_cache(train, cfg.layer)
+    single = cache["single"]
+    n_images, _, vwidth = single.shape
+    heads = Heads(vwidth, cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden)
+    decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
+    rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    steps_per_epoch = n_images // cfg.batch
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    history = []
+    start = time.time()
+    collage_sets = [g for g in (2, 3) if f"collage{g}" in cache]
+    for epoch in range(cfg.epochs):
+        heads.train()
+        order = rng.permutation(n_images)
+        bar = tqdm(range(steps_per_epoch), desc=f"fine-grained epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        for step in bar:
+            idx = np.sort(order[step * cfg.batch : (step + 1) * cfg.batch])
+            loss = torch.zeros(())
+            parts = {}
+            if cfg.filip:
+                patches = heads.image(torch.from_numpy(np.asarray(single[idx], dtype=np.float32)))
+                tok, word, _ = _texts(
+                    train, _caption_rows(train, idx, rng), cache["tokens"], cache["word"], cache["content"]
+                )
+                tokens = heads.text(tok)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    parts["filip"] = cmli_contrastive_loss(patches, tokens, word, heads.logit_scale).float()
+                loss = loss + cfg.filip * parts["filip"]
+            if collage_sets and (cfg.cell or cfg.word):
+                g = collage_sets[step % len(collage_sets)]
+                n_col = len(cache[f"collage{g}_images"])
+                cidx = rng.choice(n_col, size=min(cfg.collage_batch, n_col), replace=False)
+                parts["cell"], parts["word"] = collage_losses(heads, train, g, cidx, cfg, rng, cache)
+                loss = loss + cfg.cell * parts["cell"] + cfg.word * parts["word"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - start, 1)}
+        if val is not None:
+            row.update(evaluate_heads(heads, val, cfg))
+        history.append(row)
+        tqdm.write(json.dumps(row))
+        if log is not None:
+            log.write_text(json.dumps({"config": cfg.model_dump(), "history": history}, indent=2))
+    return heads, history
+
+
+@torch.no_grad()
+def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConfig) -> dict:
+    """Rerank Mean6 (CLS candidates from the served vectors, CMLI from the heads, best fusion weight on
+    this split) and collage pointing, all on cached features: the quick loop for choosing a recipe.
+    The numbers to report come from `emkum eval` through the exported graphs."""
+    from model.pretrained import minilm_dir
+    from service.tokenizer import TextTokenizer
+    from training.pointing import PointingTally
+
+    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json")
+    heads.eval()
+    cache = load_cache(feats, cfg.layer)
+    img_cls = torch.from_numpy(feats.array("single_cls")[:])
+    txt_cls = torch.from_numpy(feats.array("text_cls")[:])
+    caption_image = feats.array("caption_image")[:]
+    patches = torch.cat(
+        [
+            heads.image(torch.from_numpy(np.asarray(cache["single"][s : s + 256], dtype=np.float32)))
+            for s in range(0, len(img_cls), 256)
+        ]
+    )
+    rows = np.arange(len(txt_cls))
+    tok, word, _ = _texts(feats, rows, cache["tokens"], cache["word"], cache["content"])
+    tokens = heads.text(tok)
+    from model.cmli import cmli_i2t_candidates, cmli_t2i_candidates
+
+    sim = txt_cls @ img_cls.T
+    k = cfg.candidates
+    t2i_s, t2i_c = sim.topk(k, dim=1)
+    i2t_s, i2t_c = sim.T.topk(k, dim=1)
+    t2i_m = torch.cat(
+        [
+            cmli_t2i_candidates(tokens[s : s + 64], word[s : s + 64], patches[t2i_c[s : s + 64]])[0]
+            for s in range(0, len(tokens), 64)
+        ]
+    )
+    i2t_m = torch.cat(
+        [
+            cmli_i2t_candidates(patches[s : s + 64], tokens[i2t_c[s : s + 64]], word[i2t_c[s : s + 64]])
+            for s in range(0, len(patches), 64)
+        ]
+    )
+    a = [x.numpy() for x in (t2i_c, t2i_s, t2i_m, i2t_c, i2t_s, i2t_m)]
+    cls = summarise(i2t_recall(a[3], caption_image), t2i_recall(a[0], caption_image))["mean6"]
+    fused = {}
+    for w in np.round(np.linspace(0, 1, 11), 2):
+        fused[float(w)] = summarise(
+            i2t_recall(rerank(a[3], a[4], a[5], w), caption_image),
+            t2i_recall(rerank(a[0], a[1], a[2], w), caption_image),
+        )["mean6"]
+    best_w = max(fused, key=fused.get)
+    out = {"cls_mean6": cls, "rerank_mean6": fused[best_w], "cls_weight": best_w, "cmli_only_mean6": fused[0.0]}
+    for g in (2, 3):
+        if f"collage{g}" not in cache:
+            continue
+        tally = PointingTally()
+        groups = cache[f"collage{g}_images"]
+        cells = patch_cells(math.isqrt(patches.shape[1]), g)
+        first = {int(i): c for c, i in reversed(list(enumerate(caption_image)))}  # each image's first caption
+        texts = feats.meta["captions_text"]
+        for ci in range(len(groups)):
+            p = heads.image(torch.from_numpy(np.asarray(cache[f"collage{g}"][ci], dtype=np.float32)))
+            rows_t = [first[int(image)] for image in groups[ci]]
+            batch = tokenizer([texts[r] for r in rows_t])
+            for t, r in enumerate(rows_t):
+                n = min(int(batch.mask[t].sum()), tokens.shape[1])
+                s = (tokens[r, :n] @ p.T).numpy()
+                tally.add(s, batch.words[t][:n], word[r, :n].numpy(), cells, t)
+        summary = tally.summary()
+        out[f"pointing{g}"] = summary["word_pointing"]
+        out[f"cell{g}"] = summary["caption_cell"]
+    return out
+
+
+def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) -> Emkum:
+    """A copy of `model` configured with the fine-grained head and carrying the trained weights."""
+    import copy
+
+    out_cfg = copy.deepcopy(model.cfg)
+    out_cfg.fine_grained = FineGrainedConfig(vision_layer=cfg.layer, hidden=cfg.hidden)
+    new = Emkum(out_cfg)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("fg_image.", "fg_text.")) for k in missing), missing
+    new.fg_image.load_state_dict(heads.image.state_dict())
+    new.fg_text.load_state_dict(heads.text.state_dict())
+    return new.eval()
+
+
+class FineGrainedRun(BaseModel):
+    """`emkum train-fine-grained`: which model, which data, where the cache and the result go."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str = "model/weights/emkum-flickr8k.partial.safetensors"
+    out: str = "runs/fine-grained/model.safetensors"
+    train_data: str = (
+        "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-train-*.tar:train"
+    )
+    val_data: str = (
+        "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-val-*.tar:val"
+    )
+    val_half: str = "a"  # choices are made on this half; `emkum eval --half b` reports on the other
+    cache_dir: str = "runs/fine-grained/cache"
+    layers: tuple[int, ...] = (8, 10, 12)  # blocks cached (the head reads `train.layer`)
+    train_collages: dict[int, int] = {2: 2, 3: 2}  # cells per side: random groupings of all images
+    train: FineGrainedTrainConfig = FineGrainedTrainConfig()
+
+
+def run(cfg: FineGrainedRun) -> dict:
+    """Cache the towers' features (once per checkpoint and data), train the heads with the val half's
+    evaluation after each epoch, and write a checkpoint of the model with the head. The rerank weight
+    and depth recorded for the model card are the ones chosen on the val half."""
+    from safetensors import safe_open
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.pretrained import minilm_dir
+    from service.tokenizer import TextTokenizer
+    from training.data import read_spec, select_half
+    from training.feature_cache import cache_split
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, header = load_checkpoint(Path(cfg.checkpoint))
+    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", model.cfg.text.max_length)
+    cache = Path(cfg.cache_dir)
+    splits = {}
+    for name, spec, half, collages, with_cls in (
+        ("train", cfg.train_data, None, cfg.train_collages, False),
+        (f"val-{cfg.val_half}", cfg.val_data, cfg.val_half, {2: 1, 3: 1}, True),
+    ):
+        folder = cache / name
+        if not (folder / "meta.json").is_file():
+            pairs = select_half(read_spec(spec), half)
+            cache_split(model, pairs, tokenizer, folder, cfg.layers, collages, with_cls=with_cls)
+        splits[name] = SplitFeatures.load(folder)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    heads, history = train_heads(
+        splits["train"], splits[f"val-{cfg.val_half}"], cfg.train, out.with_suffix(".log.json")
+    )
+    final = history[-1]
+    merged = heads_into_model(model, heads, cfg.train)
+    with safe_open(cfg.checkpoint, "pt") as f:
+        base_names = set(f.keys())
+    fg_names = {k for k in merged.state_dict() if k.startswith(("fg_image.", "fg_text."))}
+    extra = dict(header["extra"])
+    extra["val"] = {
+        **extra.get("val", {}),
+        "cls_weight": final["cls_weight"],
+        "candidates": cfg.train.candidates,
+        "chosen_on": f"val half {cfg.val_half}",
+    }
+    extra["fine_grained"] = {"train": cfg.train.model_dump(), f"val_{cfg.val_half}": final}
+    save_checkpoint(
+        out,
+        merged,
+        header["init"],
+        header["seed"],
+        extra=extra,
+        only=(base_names | fg_names) if header["partial"] else None,
+        dtype=torch.float16 if header["partial"] else None,
+    )
+    return {"out": str(out), "history": history}
