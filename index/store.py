@@ -16,9 +16,9 @@ import contextlib
 import json
 import logging
 import sqlite3
-import uuid
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
