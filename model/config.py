@@ -59,11 +59,14 @@ class TextConfig:
 @dataclass
 class FineGrainedConfig:
     """A separate projection for the vectors CMLI and `explain` use (issue #14): patch vectors from
-    image-tower block `vision_layer`, token vectors from the text tower's output, each through
-    LayerNorm -> (an MLP of width `hidden`, when > 0) -> Linear to `proj_dim`. The global CLS path
-    is untouched, so retrieval by CLS stays exactly as trained."""
+    the image-tower blocks `vision_layers` (each LayerNorm-ed, then concatenated), token vectors from
+    the text tower's output, each through (an MLP of width `hidden`, when > 0) -> Linear to
+    `proj_dim`. The global CLS path is untouched, so retrieval by CLS stays exactly as trained.
 
-    vision_layer: int = 10
+    Several blocks because they do different jobs (docs/fine-grained.md): block 10's patches stay
+    local (words point at the right place), block 12's carry more meaning (the rerank ranks better)."""
+
+    vision_layers: tuple[int, ...] = (10,)
     hidden: int = 0
 
 
@@ -100,7 +103,9 @@ class EmkumConfig:
         kwargs["vision"] = VisionConfig(**vision)
         kwargs["text"] = TextConfig(**kwargs.pop("text", {}))
         if kwargs.get("fine_grained") is not None:
-            kwargs["fine_grained"] = FineGrainedConfig(**kwargs["fine_grained"])
+            fg = dict(kwargs["fine_grained"])
+            fg["vision_layers"] = tuple(fg["vision_layers"])
+            kwargs["fine_grained"] = FineGrainedConfig(**fg)
         return cls(**kwargs)
 
 

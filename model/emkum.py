@@ -51,19 +51,22 @@ class RegressionHead(nn.Module):
 
 
 class FineGrainedHead(nn.Module):
-    """LayerNorm -> optional residual MLP -> Linear to the CMLI space, L2-normalised (issue #14).
+    """LayerNorm per input -> concatenate -> optional residual MLP -> Linear to the CMLI space,
+    L2-normalised (issue #14). One LayerNorm per input because the tower's blocks differ in scale by
+    orders of magnitude (block 12's patches share one large direction, block 10's do not).
 
     Trained on frozen tower features with token-level objectives (training/fine_grained.py); kept
     apart from the CLS projection so that making words point cannot cost global retrieval."""
 
-    def __init__(self, width: int, out_dim: int, hidden: int) -> None:
+    def __init__(self, widths: tuple[int, ...], out_dim: int, hidden: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+        width = sum(widths)
         self.mlp = Mlp(width, hidden) if hidden > 0 else None
         self.proj = nn.Linear(width, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([norm(t) for norm, t in zip(self.norms, inputs, strict=True)], dim=-1)
         if self.mlp is not None:
             x = x + self.mlp(x)
         return F.normalize(self.proj(x), dim=-1)
@@ -91,10 +94,11 @@ class Emkum(nn.Module):
         self.text_proj = nn.Linear(cfg.width, cfg.proj_dim, bias=False)
         self.kd_head = RegressionHead(cfg.width, cfg.teacher_dim) if cfg.teacher_dim else None
         fg = cfg.fine_grained
-        if fg is not None and not 1 <= fg.vision_layer <= cfg.vision.depth:
-            raise ValueError(f"fine_grained.vision_layer must be 1..{cfg.vision.depth}, got {fg.vision_layer}")
-        self.fg_image = FineGrainedHead(cfg.vision.width, cfg.proj_dim, fg.hidden) if fg else None
-        self.fg_text = FineGrainedHead(cfg.text.width, cfg.proj_dim, fg.hidden) if fg else None
+        if fg is not None and not (fg.vision_layers and all(1 <= i <= cfg.vision.depth for i in fg.vision_layers)):
+            raise ValueError(f"fine_grained.vision_layers must be in 1..{cfg.vision.depth}, got {fg.vision_layers}")
+        widths = (cfg.vision.width,) * len(fg.vision_layers) if fg else ()
+        self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden) if fg else None
+        self.fg_text = FineGrainedHead((cfg.text.width,), cfg.proj_dim, fg.hidden) if fg else None
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -115,12 +119,12 @@ class Emkum(nn.Module):
     # -- public ----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor, with_kd: bool = True) -> ImageOutput:
         before = self._type_vector(IMAGE_TYPE) if self.cfg.tte == "before" else None
-        keep = (self.cfg.fine_grained.vision_layer,) if self.fg_image is not None else ()
+        keep = self.cfg.fine_grained.vision_layers if self.fg_image is not None else ()
         tower, layers = self.vision.forward_layers(pixels, before, keep)
         hidden = self._shared(self.vision_adapter(tower), IMAGE_TYPE, None)
         emb = F.normalize(self.image_proj(hidden), dim=-1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        patches = self.fg_image(layers[keep[0]][:, 1:]) if keep else emb[:, 1:]
+        patches = self.fg_image(*(layers[i][:, 1:] for i in keep)) if keep else emb[:, 1:]
         return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:

@@ -102,7 +102,7 @@ def _tiny(fine_grained: FineGrainedConfig | None):
 
 def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
     plain = _tiny(None)
-    fg = _tiny(FineGrainedConfig(vision_layer=1, hidden=8))
+    fg = _tiny(FineGrainedConfig(vision_layers=(1, 2), hidden=8))
     fg.load_state_dict(plain.state_dict(), strict=False)  # same towers, block and projections
     pixels = torch.randn(2, 3, 32, 32)
     ids = torch.tensor([[101, 2000, 3000, 102], [101, 2500, 102, 0]])
@@ -115,25 +115,27 @@ def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
     torch.testing.assert_close(tb.tokens[:, 0], tb.cls)  # position 0 stays the CLS vector
     assert not torch.allclose(a.patches, b.patches) and not torch.allclose(ta.tokens[:, 1:], tb.tokens[:, 1:])
     torch.testing.assert_close(b.patches.norm(dim=-1), torch.ones(2, 16))
-    with torch.no_grad():  # the head reads block 1's output, nothing above it
-        _, kept = fg.vision.forward_layers(pixels, None, (1,))
-        torch.testing.assert_close(b.patches, fg.fg_image(kept[1][:, 1:]))
-    with pytest.raises(ValueError, match="vision_layer"):
-        _tiny(FineGrainedConfig(vision_layer=9))
+    with torch.no_grad():  # the head reads blocks 1 and 2, each through its own LayerNorm
+        _, kept = fg.vision.forward_layers(pixels, None, (1, 2))
+        torch.testing.assert_close(b.patches, fg.fg_image(kept[1][:, 1:], kept[2][:, 1:]))
+        assert not torch.allclose(kept[1], kept[2])
+    with pytest.raises(ValueError, match="vision_layers"):
+        _tiny(FineGrainedConfig(vision_layers=(9,)))
 
 
 def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
     from training.export import export
 
-    model = _tiny(FineGrainedConfig(vision_layer=2, hidden=0))
+    model = _tiny(FineGrainedConfig(vision_layers=(2,), hidden=0))
     save_checkpoint(tmp_path / "fg.safetensors", model, InitRecipe(), seed=0)
     again, header = load_checkpoint(tmp_path / "fg.safetensors")
-    assert header["config"].fine_grained == FineGrainedConfig(vision_layer=2, hidden=0)
+    assert header["config"].fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0)
     torch.testing.assert_close(again.fg_text.proj.weight, model.fg_text.proj.weight)
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
-    assert card["model_config"]["fine_grained"] == {"vision_layer": 2, "hidden": 0}
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
-    assert json.loads((tmp_path / "out" / "model.json").read_text())["fine_grained"]["vision_layer"] == 2
+    written = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert written["model_config"]["fine_grained"] == {"vision_layers": [2], "hidden": 0}
+    assert written["fine_grained"]["vision_layers"] == [2]
 
 
 CONCEPTS = ["dog", "car", "tree", "boat"]
@@ -174,6 +176,19 @@ def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8):
     np.save(folder / "text_word_mask.npy", word)
     np.save(folder / "text_content_mask.npy", content)
     np.save(folder / "caption_image.npy", np.repeat(np.arange(n_images), 2))
+    # one swap per image: its first caption with the concept word replaced by the next concept's
+    swapped = (concept + 1) % 4
+    swap_tokens = rng.normal(size=(n_images, 40, width)) * 0.1
+    swap_tokens[:, 2] += basis[swapped] @ rotation
+    swap_tokens[:, :2] += np.eye(width)[[5, 6]] @ rotation
+    np.save(folder / "swap_tokens.npy", swap_tokens.astype(np.float16))
+    np.save(folder / "swap_word_mask.npy", word[::2])
+    np.save(folder / "swap_content_mask.npy", content[::2])
+    np.save(folder / "swap_image.npy", np.arange(n_images))
+    np.save(folder / "swap_positive.npy", 2 * np.arange(n_images))
+    np.save(folder / "swap_kind.npy", np.array(["noun"] * n_images))
+    swap_cls = rng.normal(size=(n_images, 16)).astype(np.float32)
+    np.save(folder / "swap_cls.npy", swap_cls / np.linalg.norm(swap_cls, axis=1, keepdims=True))
     cls = rng.normal(size=(n_images, 16)).astype(np.float32)
     np.save(folder / "single_cls.npy", cls / np.linalg.norm(cls, axis=1, keepdims=True))
     np.save(folder / "text_cls.npy", np.repeat(cls / np.linalg.norm(cls, axis=1, keepdims=True), 2, axis=0))
@@ -194,13 +209,14 @@ def test_the_head_trainer_learns_to_point_on_features_with_a_known_answer(tmp_pa
     synthetic_cache(tmp_path / "train", rng)
     synthetic_cache(tmp_path / "val", np.random.default_rng(99))
     train, val = SplitFeatures.load(tmp_path / "train"), SplitFeatures.load(tmp_path / "val")
-    cfg = FineGrainedTrainConfig(layer=1, epochs=8, batch=32, collage_batch=16, lr=1e-2, candidates=8)
+    cfg = FineGrainedTrainConfig(layers=(1,), epochs=8, batch=32, collage_batch=16, lr=1e-2, candidates=8)
     torch.manual_seed(0)
-    before = evaluate_heads(Heads(8, 8, 16, 0), val, cfg)
+    before = evaluate_heads(Heads((8,), 8, 16, 0), val, cfg)
     heads, history = train_heads(train, val, cfg)
     after = history[-1]
     assert after["pointing2"] >= 98 and after["cell2"] >= 98, after
     assert before["pointing2"] < 60, before  # an untrained head points near chance (25%)
+    assert after["choice_cmli"] >= 98 and before["choice_cmli"] < 75, (before, after)  # "a dog" beats "a car"
     assert after == {**after, **evaluate_heads(heads, val, cfg)}  # the history is the evaluation
 
 
@@ -208,13 +224,29 @@ def test_heads_go_into_the_model_they_were_trained_for(rng):
     from training.fine_grained import FineGrainedTrainConfig, Heads, heads_into_model
 
     plain = _tiny(None)
-    heads = Heads(plain.cfg.vision.width, plain.cfg.text.width, plain.cfg.proj_dim, 0)
+    heads = Heads((plain.cfg.vision.width,), plain.cfg.text.width, plain.cfg.proj_dim, 0)
     with torch.no_grad():
         heads.image.proj.weight.normal_()
-    merged = heads_into_model(plain, heads, FineGrainedTrainConfig(layer=2))
-    assert merged.cfg.fine_grained == FineGrainedConfig(vision_layer=2, hidden=0)
+    merged = heads_into_model(plain, heads, FineGrainedTrainConfig(layers=(2,)))
+    assert merged.cfg.fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0)
     assert plain.cfg.fine_grained is None  # the original is left as it was
     torch.testing.assert_close(merged.fg_image.proj.weight, heads.image.proj.weight)
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(merged.encode_image(pixels).cls, plain.encode_image(pixels).cls)
+
+
+def test_hard_batches_group_each_image_with_its_cls_neighbours_and_use_every_image_once(rng):
+    from training.fine_grained import hard_batches
+
+    centres = np.eye(16)  # 16 tight clusters of 4 images: each image's 3 nearest are its cluster mates
+    cls = np.repeat(centres, 4, axis=0) + 0.01 * rng.normal(size=(64, 16))
+    cls /= np.linalg.norm(cls, axis=1, keepdims=True)
+    batches = hard_batches(cls, batch=16, group=4, rng=rng)
+    flat = np.concatenate(batches)
+    assert len(batches) == 4 and sorted(flat.tolist()) == list(range(64))
+    for b in batches:
+        assert sorted(np.bincount(b // 4, minlength=16)[np.unique(b // 4)].tolist()) == [4, 4, 4, 4]
+    random = hard_batches(cls, batch=16, group=1, rng=rng)
+    assert sorted(np.concatenate(random).tolist()) == list(range(64))
+    assert any(len(np.unique(b // 4)) > 4 for b in random)  # random batches mix clusters

@@ -26,6 +26,10 @@ from training.data import load_images, read_spec, select_half
 from training.pointing import PointingTally, common_share, patch_locality
 
 
+def fine_grained_stage(model: Emkum) -> str:
+    return "fine-grained head (blocks " + "+".join(map(str, model.cfg.fine_grained.vision_layers)) + ")"
+
+
 @torch.no_grad()
 def image_stages(model: Emkum, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Patch vectors [B, N, d] at each stage; the `->proj` entries are in the projected space where
@@ -33,7 +37,7 @@ def image_stages(model: Emkum, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     fine-grained head, its output too (what the model then serves to CMLI and `explain`)."""
     v = model.vision
     fg = model.cfg.fine_grained
-    keep = (4, 8, 10) + ((fg.vision_layer,) if fg else ())
+    keep = tuple(sorted({4, 8, 10, *(fg.vision_layers if fg else ())}))
     tower, kept = v.forward_layers(pixels, None, keep)
     out: dict[str, torch.Tensor] = {f"tower block {i}": kept[i][:, 1:] for i in (4, 8, 10)}
     out["tower output"] = tower[:, 1:]
@@ -46,7 +50,7 @@ def image_stages(model: Emkum, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     out["after shared block"] = model.final_norm(h)[:, 1:]
     out["shared projection"] = F.normalize(model.image_proj(model.final_norm(h)), dim=-1)[:, 1:]
     if fg:
-        out[f"fine-grained head (block {fg.vision_layer})"] = model.fg_image(kept[fg.vision_layer][:, 1:])
+        out[fine_grained_stage(model)] = model.fg_image(*(kept[i][:, 1:] for i in fg.vision_layers))
     return out
 
 
@@ -62,7 +66,7 @@ def text_stages(model: Emkum, ids: torch.Tensor, mask: torch.Tensor) -> dict[str
     out["shared projection"] = F.normalize(model.text_proj(model.final_norm(h)), dim=-1)
     fg = model.cfg.fine_grained
     if fg:
-        out[f"fine-grained head (block {fg.vision_layer})"] = model.fg_text(tower)
+        out[fine_grained_stage(model)] = model.fg_text(tower)
     return out
 
 

@@ -4,7 +4,8 @@ in minutes instead of running the towers every step.
 For a checkpoint and a split it stores, as fp16 memmaps: the image tower's patch outputs at the
 candidate blocks for every image and for fixed 2x2 and 3x3 collages of them (the collages teach
 and test pointing), the text tower's token outputs for every caption with its word and content-word
-masks, and the served CLS vectors (so rerank gains are measured against the real first stage)."""
+masks, the same for one-word swaps of the captions (training/swaps.py: hard negatives), and the
+served CLS vectors (so rerank gains are measured against the real first stage)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from training.collage import collage_groups, make_collage
 from training.data import Pair, load_images
 from training.pointing import word_groups
 from training.stopwords import is_content_word
+from training.swaps import make_swaps
 
 MAX_TOKENS = 40  # Flickr8k captions: 99.9% fit; longer ones are cut (for the cache only)
 
@@ -64,10 +66,11 @@ def cache_split(
     layers: tuple[int, ...],
     collages: dict[int, int],
     batch: int = 32,
-    with_cls: bool = True,
 ) -> SplitFeatures:
     """Write the split's features into `folder`. `collages`: {cells per side: rounds}, each round a
-    fresh random grouping of all images. `with_cls`: also the served CLS vectors (for evaluation)."""
+    fresh random grouping of all images. The CLS vectors (bf16 like the rest, within ~1e-2 of the fp32
+    graph) rank the first stage whose mistakes the rerank head learns to correct, and score the
+    in-loop evaluation; the reported numbers come from `emkum eval` on the exported fp32 graphs."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     model.eval()
@@ -79,7 +82,7 @@ def cache_split(
         px = normalize(torch.from_numpy(stack).permute(0, 3, 1, 2).float() / 255, cfg.vision.mean, cfg.vision.std)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, kept = model.vision.forward_layers(px, None, layers)
-        cls = model.encode_image(px, with_kd=False).cls if with_cls else None  # fp32, as served
+            cls = model.encode_image(px, with_kd=False).cls.float() if with_cls else None
         return {k: v[:, 1:].float() for k, v in kept.items()}, cls
 
     sets = {"single": (len(pairs), lambda s, e: images[s:e])}
@@ -92,9 +95,7 @@ def cache_split(
         )
     for name, (count, make) in sets.items():
         outs = {layer: _open(folder, f"{name}_block{layer}", (count, n_patch, width)) for layer in layers}
-        cls_out = (
-            _open(folder, f"{name}_cls", (count, cfg.proj_dim), np.float32) if name == "single" and with_cls else None
-        )
+        cls_out = _open(folder, f"{name}_cls", (count, cfg.proj_dim), np.float32) if name == "single" else None
         for s in tqdm(range(0, count, batch), desc=f"tower features: {name}", unit="batch"):
             e = min(s + batch, count)
             kept, cls = run_images(make(s, e), cls_out is not None)
@@ -109,25 +110,13 @@ def cache_split(
 
     captions = [c for p in pairs for c in p.captions]
     owner = np.array([i for i, p in enumerate(pairs) for _ in p.captions], dtype=np.int64)
-    tok = _open(folder, "text_tokens", (len(captions), MAX_TOKENS, cfg.text.width))
-    word = np.zeros((len(captions), MAX_TOKENS), dtype=np.float32)
-    content = np.zeros((len(captions), MAX_TOKENS), dtype=np.float32)
-    text_cls = _open(folder, "text_cls", (len(captions), cfg.proj_dim), np.float32)
-    for s in tqdm(range(0, len(captions), 256), desc="text features", unit="batch"):
-        b = tokenizer(captions[s : s + 256], pad_to=None)
-        ids, mask = torch.from_numpy(b.ids[:, :MAX_TOKENS]), torch.from_numpy(b.mask[:, :MAX_TOKENS])
-        out = model.encode_text(ids, mask, with_kd=False)
-        tower = model.text(ids, mask)
-        n = ids.shape[1]
-        tok[s : s + len(ids), :n] = tower.float().numpy()
-        word[s : s + len(ids), :n] = out.token_mask.numpy()
-        text_cls[s : s + len(ids)] = out.cls.float().numpy()
-        for i, strings in enumerate(b.words):
-            content[s + i, :n] = content_mask(strings, n) * out.token_mask[i].numpy()
-    tok.flush()
-    text_cls.flush()
-    np.save(folder / "text_word_mask.npy", word)
-    np.save(folder / "text_content_mask.npy", content)
+    cache_texts(model, tokenizer, captions, folder, "text")
+    swaps = make_swaps([p.captions for p in pairs])
+    row_of = {(int(i), c): r for r, (i, c) in enumerate(zip(owner, captions, strict=True))}
+    cache_texts(model, tokenizer, [sw.negative for sw in swaps], folder, "swap")
+    np.save(folder / "swap_image.npy", np.array([sw.image for sw in swaps], dtype=np.int64))
+    np.save(folder / "swap_positive.npy", np.array([row_of[(sw.image, sw.positive)] for sw in swaps], dtype=np.int64))
+    np.save(folder / "swap_kind.npy", np.array([sw.kind for sw in swaps]))
     np.save(folder / "caption_image.npy", owner)
     meta = {
         "layers": list(layers),
@@ -139,3 +128,27 @@ def cache_split(
     meta["captions_text"] = captions
     (folder / "meta.json").write_text(json.dumps(meta))
     return SplitFeatures.load(folder)
+
+
+@torch.no_grad()
+def cache_texts(model: Emkum, tokenizer: TextTokenizer, texts: list[str], folder: Path, prefix: str) -> None:
+    """`{prefix}_tokens` (the text tower's outputs), `_word_mask`, `_content_mask` and `_cls` (served)."""
+    cfg = model.cfg
+    tok = _open(folder, f"{prefix}_tokens", (len(texts), MAX_TOKENS, cfg.text.width))
+    word = np.zeros((len(texts), MAX_TOKENS), dtype=np.float32)
+    content = np.zeros((len(texts), MAX_TOKENS), dtype=np.float32)
+    cls = _open(folder, f"{prefix}_cls", (len(texts), cfg.proj_dim), np.float32)
+    for s in tqdm(range(0, len(texts), 256), desc=f"text features: {prefix}", unit="batch"):
+        b = tokenizer(texts[s : s + 256])
+        ids, mask = torch.from_numpy(b.ids[:, :MAX_TOKENS]), torch.from_numpy(b.mask[:, :MAX_TOKENS])
+        out = model.encode_text(ids, mask, with_kd=False)
+        n = ids.shape[1]
+        tok[s : s + len(ids), :n] = model.text(ids, mask).float().numpy()
+        word[s : s + len(ids), :n] = out.token_mask.numpy()
+        cls[s : s + len(ids)] = out.cls.float().numpy()
+        for i, strings in enumerate(b.words):
+            content[s + i, :n] = content_mask(strings, n) * out.token_mask[i].numpy()
+    tok.flush()
+    cls.flush()
+    np.save(folder / f"{prefix}_word_mask.npy", word)
+    np.save(folder / f"{prefix}_content_mask.npy", content)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
+from model.cmli import cmli_pairs
 from model.config import FineGrainedConfig
 from model.emkum import Emkum, FineGrainedHead
 from training.collage import patch_cells
@@ -39,7 +40,7 @@ from training.metrics import i2t_recall, rerank, summarise, t2i_recall
 
 class FineGrainedTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    layer: int = 10  # image-tower block the head reads (a cached one)
+    layers: tuple[int, ...] = (10, 12)  # image-tower blocks the head reads (cached ones)
     hidden: int = 0  # MLP width inside the head (0: LayerNorm + Linear)
     epochs: int = 10
     batch: int = 128  # single images per FILIP step
@@ -50,16 +51,47 @@ class FineGrainedTrainConfig(BaseModel):
     cell: float = 1.0
     word: float = 1.0
     word_temperature: float = 0.02
+    # FILIP batches made of groups of this many images that are each other's nearest by the served CLS
+    # vectors: the in-batch negatives are then the first stage's own confusions, which is what a
+    # rerank has to undo (1 = random batches, whose negatives CLS already tells apart)
+    hard_group: int = 1  # 8 was tried: no better on val half a (docs/fine-grained.md)
+    # NegCLIP-style: each image's caption must outscore the same caption with one word swapped
+    # (training/swaps.py, made from the training captions), CMLI against CMLI (seed 004, eq. 4)
+    swap: float = 1.0
     seed: int = 0
     candidates: int = 20  # rerank depth the evaluation (and the exported model card) uses
 
 
 class Heads(torch.nn.Module):
-    def __init__(self, vision_width: int, text_width: int, dim: int, hidden: int) -> None:
+    """The two heads being trained, and the temperature of their contrastive terms."""
+
+    def __init__(self, vision_widths: tuple[int, ...], text_width: int, dim: int, hidden: int) -> None:
         super().__init__()
-        self.image = FineGrainedHead(vision_width, dim, hidden)
-        self.text = FineGrainedHead(text_width, dim, hidden)
+        self.image = FineGrainedHead(vision_widths, dim, hidden)
+        self.text = FineGrainedHead((text_width,), dim, hidden)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def hard_batches(cls: np.ndarray, batch: int, group: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of batches, each made of `batch // group` random seed images and, for each seed, its
+    `group - 1` nearest images by CLS cosine not yet used this epoch. Every image appears once."""
+    n = len(cls)
+    if group <= 1:
+        order = rng.permutation(n)
+        return [order[s : s + batch] for s in range(0, n - batch + 1, batch)]
+    x = torch.from_numpy(np.asarray(cls, dtype=np.float32))
+    neighbours = torch.cat([(x[s : s + 1024] @ x.T).topk(4 * group, dim=1).indices for s in range(0, n, 1024)]).numpy()
+    used = np.zeros(n, dtype=bool)
+    groups: list[list[int]] = []
+    for seed in rng.permutation(n):
+        if used[seed]:
+            continue
+        members = [int(seed), *[int(j) for j in neighbours[seed] if not used[j] and j != seed][: group - 1]]
+        used[members] = True
+        groups.append(members)
+    rng.shuffle(groups)
+    flat = np.array([i for g in groups for i in g])
+    return [flat[s : s + batch] for s in range(0, len(flat) - batch + 1, batch)]
 
 
 def _caption_rows(feats: SplitFeatures, owners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -74,7 +106,7 @@ def _caption_rows(feats: SplitFeatures, owners: np.ndarray, rng: np.random.Gener
     return np.array([rng.choice(by_image[int(i)]) for i in owners])
 
 
-def _texts(feats: SplitFeatures, rows: np.ndarray, tokens: np.ndarray, word: np.ndarray, content: np.ndarray):
+def _texts(rows: np.ndarray, tokens: np.ndarray, word: np.ndarray, content: np.ndarray):
     """Token features and masks of the captions `rows`, cut to the longest caption among them."""
     order = np.sort(rows)  # memmap reads in file order, then back to the request order
     inverse = np.searchsorted(order, rows)
@@ -99,9 +131,9 @@ def collage_losses(heads: Heads, feats: SplitFeatures, g: int, idx: np.ndarray, 
     groups = cache[f"collage{g}_images"][idx]  # [C, g*g] image indices
     order = np.sort(idx)
     inverse = np.searchsorted(order, idx)
-    patches = heads.image(torch.from_numpy(np.asarray(patches_all[order], dtype=np.float32))[inverse])
+    patches = heads.image(*(_rows(a, order)[inverse] for a in patches_all))
     rows = _caption_rows(feats, groups.reshape(-1), rng)
-    tok, word, content = _texts(feats, rows, cache["tokens"], cache["word"], cache["content"])
+    tok, word, content = _texts(rows, cache["tokens"], cache["word"], cache["content"])
     tok = heads.text(tok).reshape(len(idx), g * g, tok.shape[1], -1)
     word = word.reshape(len(idx), g * g, -1)
     content = content.reshape(len(idx), g * g, -1)
@@ -118,17 +150,62 @@ def collage_losses(heads: Heads, feats: SplitFeatures, g: int, idx: np.ndarray, 
     return cell_loss, word_loss
 
 
-def load_cache(feats: SplitFeatures, layer: int) -> dict:
-    """The arrays a run reads, opened once (memmaps; the patch features stay on disk)."""
+def _rows(arrays: np.ndarray, rows) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(arrays[rows], dtype=np.float32))
+
+
+def swap_scores(heads: Heads, cache: dict, chosen: np.ndarray, patches: torch.Tensor) -> tuple:
+    """CMLI (eq. 4) of the swaps `chosen` (indices into the cached swaps): (true caption, swapped
+    caption) scores against their image's patches [len(chosen), N, d]."""
+    sw = cache["swap"]
+    pos, pos_word, _ = _texts(sw["positive"][chosen], cache["tokens"], cache["word"], cache["content"])
+    neg, neg_word, _ = _texts(chosen, sw["tokens"], sw["word"], sw["content"])
+    s_pos = cmli_pairs(heads.text(pos), pos_word, patches)[0]
+    s_neg = cmli_pairs(heads.text(neg), neg_word, patches)[0]
+    return s_pos, s_neg
+
+
+def swap_loss(heads: Heads, cache: dict, idx: np.ndarray, patches: torch.Tensor | None, rng) -> torch.Tensor:
+    """Two-way cross-entropy, true caption against its one-word swap, for each image of the batch
+    that has a swap (one drawn at random)."""
+    by_image = cache["swap"]["by_image"]
+    keep = [j for j, i in enumerate(idx) if by_image[int(i)]]
+    if not keep:
+        return torch.zeros(())
+    chosen = np.array([rng.choice(by_image[int(idx[j])]) for j in keep])
+    if patches is None:
+        patches = heads.image(*(_rows(a, np.sort(idx)) for a in cache["single"]))
+    s_pos, s_neg = swap_scores(heads, cache, chosen, patches[keep])
+    scale = heads.logit_scale.exp().clamp(max=100.0)
+    logits = scale * torch.stack([s_pos, s_neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(keep), dtype=torch.long))
+
+
+def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
+    """The arrays a run reads, opened once (memmaps; the patch features stay on disk); patch features
+    are lists, one array per block in `layers`."""
     out = {
-        "single": feats.array(f"single_block{layer}"),
+        "single": [feats.array(f"single_block{layer}") for layer in layers],
         "tokens": feats.array("text_tokens"),
         "word": np.load(feats.folder / "text_word_mask.npy"),
         "content": np.load(feats.folder / "text_content_mask.npy"),
     }
+    if (feats.folder / "swap_tokens.npy").is_file():
+        out["swap"] = {
+            "tokens": feats.array("swap_tokens"),
+            "word": np.load(feats.folder / "swap_word_mask.npy"),
+            "content": np.load(feats.folder / "swap_content_mask.npy"),
+            "image": np.load(feats.folder / "swap_image.npy"),
+            "positive": np.load(feats.folder / "swap_positive.npy"),
+            "kind": np.load(feats.folder / "swap_kind.npy"),
+        }
+        by_image: list[list[int]] = [[] for _ in range(feats.meta["images"])]
+        for k, i in enumerate(out["swap"]["image"]):
+            by_image[int(i)].append(k)
+        out["swap"]["by_image"] = by_image
     for g in (2, 3):
-        if (feats.folder / f"collage{g}_block{layer}.npy").is_file():
-            out[f"collage{g}"] = feats.array(f"collage{g}_block{layer}")
+        if all((feats.folder / f"collage{g}_block{layer}.npy").is_file() for layer in layers):
+            out[f"collage{g}"] = [feats.array(f"collage{g}_block{layer}") for layer in layers]
             out[f"collage{g}_images"] = np.load(feats.folder / f"collage{g}_images.npy")
     return out
 
@@ -138,16 +215,17 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     collage batch (2x2 and 3x3 alternating) per step."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    cache = load_cache(train, cfg.layer)
+    cache = load_cache(train, cfg.layers)
     single = cache["single"]
-    n_images, _, vwidth = single.shape
-    heads = Heads(vwidth, cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden)
+    n_images = len(single[0])
+    heads = Heads(tuple(a.shape[-1] for a in single), cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden)
     decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr
     )
     steps_per_epoch = n_images // cfg.batch
+    train_cls = train.array("single_cls")
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
@@ -157,21 +235,22 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     collage_sets = [g for g in (2, 3) if f"collage{g}" in cache]
     for epoch in range(cfg.epochs):
         heads.train()
-        order = rng.permutation(n_images)
-        bar = tqdm(range(steps_per_epoch), desc=f"fine-grained epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        batches = hard_batches(train_cls, cfg.batch, cfg.hard_group, rng)[:steps_per_epoch]
+        bar = tqdm(range(len(batches)), desc=f"fine-grained epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for step in bar:
-            idx = np.sort(order[step * cfg.batch : (step + 1) * cfg.batch])
+            idx = np.sort(batches[step])
             loss = torch.zeros(())
             parts = {}
             if cfg.filip:
-                patches = heads.image(torch.from_numpy(np.asarray(single[idx], dtype=np.float32)))
-                tok, word, _ = _texts(
-                    train, _caption_rows(train, idx, rng), cache["tokens"], cache["word"], cache["content"]
-                )
+                patches = heads.image(*(_rows(a, idx) for a in single))
+                tok, word, _ = _texts(_caption_rows(train, idx, rng), cache["tokens"], cache["word"], cache["content"])
                 tokens = heads.text(tok)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     parts["filip"] = cmli_contrastive_loss(patches, tokens, word, heads.logit_scale).float()
                 loss = loss + cfg.filip * parts["filip"]
+            if cfg.swap and "swap" in cache:
+                parts["swap"] = swap_loss(heads, cache, idx, patches if cfg.filip else None, rng)
+                loss = loss + cfg.swap * parts["swap"]
             if collage_sets and (cfg.cell or cfg.word):
                 g = collage_sets[step % len(collage_sets)]
                 n_col = len(cache[f"collage{g}_images"])
@@ -205,18 +284,15 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
 
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json")
     heads.eval()
-    cache = load_cache(feats, cfg.layer)
-    img_cls = torch.from_numpy(feats.array("single_cls")[:])
-    txt_cls = torch.from_numpy(feats.array("text_cls")[:])
+    cache = load_cache(feats, cfg.layers)
+    img_cls = torch.from_numpy(np.array(feats.array("single_cls")))
+    txt_cls = torch.from_numpy(np.array(feats.array("text_cls")))
     caption_image = feats.array("caption_image")[:]
     patches = torch.cat(
-        [
-            heads.image(torch.from_numpy(np.asarray(cache["single"][s : s + 256], dtype=np.float32)))
-            for s in range(0, len(img_cls), 256)
-        ]
+        [heads.image(*(_rows(a, slice(s, s + 256)) for a in cache["single"])) for s in range(0, len(img_cls), 256)]
     )
     rows = np.arange(len(txt_cls))
-    tok, word, _ = _texts(feats, rows, cache["tokens"], cache["word"], cache["content"])
+    tok, word, _ = _texts(rows, cache["tokens"], cache["word"], cache["content"])
     tokens = heads.text(tok)
     from model.cmli import cmli_i2t_candidates, cmli_t2i_candidates
 
@@ -246,6 +322,18 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
         )["mean6"]
     best_w = max(fused, key=fused.get)
     out = {"cls_mean6": cls, "rerank_mean6": fused[best_w], "cls_weight": best_w, "cmli_only_mean6": fused[0.0]}
+    if "swap" in cache:
+        sw = cache["swap"]
+        chosen = np.arange(len(sw["image"]))
+        s_pos, s_neg = swap_scores(heads, cache, chosen, patches[sw["image"]])
+        c_pos = (img_cls[sw["image"]] * txt_cls[sw["positive"]]).sum(-1)
+        c_neg = (img_cls[sw["image"]] * torch.from_numpy(np.array(feats.array("swap_cls")))).sum(-1)
+        out["choice_cls"] = round(100 * float((c_pos > c_neg).float().mean()), 2)
+        out["choice_cmli"] = round(100 * float((s_pos > s_neg).float().mean()), 2)
+        w = best_w
+        out["choice_fused"] = round(
+            100 * float((w * c_pos + (1 - w) * s_pos > w * c_neg + (1 - w) * s_neg).float().mean()), 2
+        )
     for g in (2, 3):
         if f"collage{g}" not in cache:
             continue
@@ -255,7 +343,7 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
         first = {int(i): c for c, i in reversed(list(enumerate(caption_image)))}  # each image's first caption
         texts = feats.meta["captions_text"]
         for ci in range(len(groups)):
-            p = heads.image(torch.from_numpy(np.asarray(cache[f"collage{g}"][ci], dtype=np.float32)))
+            p = heads.image(*(_rows(a, ci) for a in cache[f"collage{g}"]))
             rows_t = [first[int(image)] for image in groups[ci]]
             batch = tokenizer([texts[r] for r in rows_t])
             for t, r in enumerate(rows_t):
@@ -273,7 +361,7 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
     import copy
 
     out_cfg = copy.deepcopy(model.cfg)
-    out_cfg.fine_grained = FineGrainedConfig(vision_layer=cfg.layer, hidden=cfg.hidden)
+    out_cfg.fine_grained = FineGrainedConfig(vision_layers=tuple(cfg.layers), hidden=cfg.hidden)
     new = Emkum(out_cfg)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("fg_image.", "fg_text.")) for k in missing), missing
@@ -296,7 +384,7 @@ class FineGrainedRun(BaseModel):
     )
     val_half: str = "a"  # choices are made on this half; `emkum eval --half b` reports on the other
     cache_dir: str = "runs/fine-grained/cache"
-    layers: tuple[int, ...] = (8, 10, 12)  # blocks cached (the head reads `train.layer`)
+    layers: tuple[int, ...] = (8, 10, 12)  # blocks cached (the head reads `train.layers`)
     train_collages: dict[int, int] = {2: 2, 3: 2}  # cells per side: random groupings of all images
     train: FineGrainedTrainConfig = FineGrainedTrainConfig()
 
@@ -318,14 +406,14 @@ def run(cfg: FineGrainedRun) -> dict:
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", model.cfg.text.max_length)
     cache = Path(cfg.cache_dir)
     splits = {}
-    for name, spec, half, collages, with_cls in (
-        ("train", cfg.train_data, None, cfg.train_collages, False),
-        (f"val-{cfg.val_half}", cfg.val_data, cfg.val_half, {2: 1, 3: 1}, True),
+    for name, spec, half, collages in (
+        ("train", cfg.train_data, None, cfg.train_collages),
+        (f"val-{cfg.val_half}", cfg.val_data, cfg.val_half, {2: 1, 3: 1}),
     ):
         folder = cache / name
         if not (folder / "meta.json").is_file():
             pairs = select_half(read_spec(spec), half)
-            cache_split(model, pairs, tokenizer, folder, cfg.layers, collages, with_cls=with_cls)
+            cache_split(model, pairs, tokenizer, folder, cfg.layers, collages)
         splits[name] = SplitFeatures.load(folder)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
