@@ -118,7 +118,8 @@ def build_default(
     from training.export import export as run
 
     card = run(DEFAULT_WEIGHTS, out_dir, name="emkum-flickr8k")
-    typer.echo(f"built {out_dir}: val Mean6 {card['metrics']['val'].get('rerank', {}).get('mean6')} (rerank)")
+    val = card["metrics"]["val"]
+    typer.echo(f"built {out_dir}: val Mean6 {val.get('cls', {}).get('mean6')} (CLS), rerank {card['rerank']}")
 
 
 @app.command("eval")
