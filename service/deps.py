@@ -14,7 +14,7 @@ from fastapi import Header, Request
 
 from index import VectorStore
 from service.encoders import Encoders, QueueFull
-from service.errors import ApiError
+from service.errors import ApiError, without_paths
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
@@ -60,7 +60,9 @@ def get_state(request: Request) -> AppState:
         raise ApiError(
             503,
             "not_ready",
-            state.load_error or "the model and index are still loading",
+            without_paths(state.load_error, state.settings)
+            if state.load_error
+            else "the model and index are still loading",
             {"Retry-After": "5"},
         )
     return state

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,6 +17,17 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def without_paths(message: str, settings) -> str:
+    """A message fit for a response: the configured data and model directories, absolute or as given,
+    become $EMKUM_DATA_DIR / $EMKUM_MODEL_DIR. Where files live is the operator's business (the log
+    keeps the full text), not any client's."""
+    for folder, name in ((settings.data_dir, "$EMKUM_DATA_DIR"), (settings.model_dir, "$EMKUM_MODEL_DIR")):
+        for form in sorted({str(Path(folder).resolve()), str(folder)}, key=len, reverse=True):
+            if form not in ("", "."):
+                message = message.replace(form, name)
+    return message
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -49,8 +62,9 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(422, "duplicate_id", str(exc.args[0]))
 
     @app.exception_handler(ReadOnlyStore)
-    async def _readonly(_: Request, exc: ReadOnlyStore) -> JSONResponse:
-        return error_response(507, "storage_unavailable", f"writes are refused, search still works: {exc}")
+    async def _readonly(request: Request, exc: ReadOnlyStore) -> JSONResponse:
+        message = without_paths(str(exc), request.app.state.emkum.settings)
+        return error_response(507, "storage_unavailable", f"writes are refused, search still works: {message}")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

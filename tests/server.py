@@ -45,9 +45,11 @@ def running_server(
     preexec=None,
     quiet: bool = False,
     wrap: list[str] | None = None,
+    wait_ready: bool = True,
     **settings: str,
 ) -> Iterator[Server]:
-    """`wrap` prefixes the server's command line (for example to run it in its own mount namespace)."""
+    """`wrap` prefixes the server's command line (for example to run it in its own mount namespace).
+    `wait_ready=False`: return once the server answers at all (a not-ready 503 included)."""
     port = free_port()
     env = {
         **os.environ,
@@ -73,7 +75,8 @@ def running_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log.read_text()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            status = httpx.get(f"{server.url}/readyz", timeout=2).status_code
+            if status == 200 or (status == 503 and not wait_ready):
                 break
         except httpx.TransportError:
             pass

@@ -5,6 +5,7 @@ constant-time."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import random
 import resource
 import signal
@@ -48,6 +49,7 @@ def test_full_disk_refuses_writes_and_keeps_serving(tiny_model_dir, tmp_path):
         assert refusal.status_code == 507
         assert refusal.json()["error"]["code"] == "storage_unavailable"
         assert "search still works" in refusal.json()["error"]["message"]
+        assert str(tmp_path) not in refusal.text  # issue #15: no filesystem paths in responses
         # reads keep working while writes fail
         assert c.post("/search/text", json={"query": "a photo", "k": 3}).status_code == 200
         assert c.get(f"/items/{acked[0]}").status_code == 200
@@ -77,6 +79,7 @@ def test_read_only_data_directory_serves_search_and_refuses_writes(tiny_model_di
             r = c.post("/items", files=[("files", ("x.jpg", jpeg(9, 64), "image/jpeg"))])
             assert r.status_code == 507 and r.json()["error"]["code"] == "storage_unavailable"
             assert "read-only" in r.json()["error"]["message"] and "search still works" in r.json()["error"]["message"]
+            assert str(tmp_path) not in r.text and "$EMKUM_DATA_DIR" in r.text  # no filesystem paths
             assert c.delete("/items/i0").status_code == 507
             assert c.get("/items/i0").status_code == 200  # nothing was lost
             assert c.post("/search/text", json={"query": "a photo"}).status_code == 200  # still serving
@@ -179,3 +182,17 @@ def test_api_key_uses_a_constant_time_comparison(monkeypatch):
         deps.require_api_key(request, "k" * 31 + "x")
     deps.require_api_key(request, "k" * 32)
     assert calls == [(b"k" * 31 + b"x", b"k" * 32), (b"k" * 32, b"k" * 32)]
+
+
+def test_a_store_that_cannot_load_says_why_in_readyz_without_its_path(tiny_model_dir, tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "items.sqlite").write_bytes(b"this is not a database" * 100)
+    with running_server(tiny_model_dir, data, tmp_path, wait_ready=False) as srv, srv.client() as c:
+        deadline = time.monotonic() + 60
+        while (body := c.get("/readyz").json()).get("error") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert body["status"] == "not_ready" and "items.sqlite" in body["error"]
+        assert str(tmp_path) not in json.dumps(body) and "$EMKUM_DATA_DIR" in body["error"]
+        r = c.post("/search/text", json={"query": "a dog"})
+        assert r.status_code == 503 and str(tmp_path) not in r.text
