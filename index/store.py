@@ -44,7 +44,7 @@ class StoreConfig:
     dim: int
     model: str
     cls_factory: str = "Flat"  # FAISS factory for the CLS index: Flat, HNSW32, IVF1024,Flat, ...
-    # SQ8 (default: 0.998 of the exact top 10 at half SQfp16's bytes), SQfp16 (exact to fp16), SQ4,
+    # SQ8 (default: 0.997 of the exact top 10 at half SQfp16's bytes), SQfp16 (exact to fp16), SQ4,
     # PQ32x8, ... None: whatever the data directory was written with, SQ8 for a new one.
     patch_codec: str | None = None
     use_gpu: bool = True  # move the CLS index to the GPU when this faiss build has one
