@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
-from model.cmli import cmli_i2t_candidates, cmli_t2i_candidates  # noqa: E402
 from training.feature_cache import SplitFeatures  # noqa: E402
-from training.fine_grained import _rows, _texts, load_cache  # noqa: E402
-from training.metrics import i2t_recall, summarise, t2i_recall  # noqa: E402
+from training.fine_grained import load_cache, two_stage_scores  # noqa: E402
+from training.metrics import i2t_recall, rerank, summarise, t2i_recall  # noqa: E402
 
 
-def zscore(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Per query: scores minus their mean over the candidates, over their spread."""
+    return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
 
 
 @torch.no_grad()
@@ -40,41 +40,19 @@ def main(
     model, _ = load_checkpoint(checkpoint)
     feats = SplitFeatures.load(cache)
     arrays = load_cache(feats, model.cfg.fine_grained.vision_layers)
-    img_cls = torch.from_numpy(np.array(feats.array("single_cls")))
-    txt_cls = torch.from_numpy(np.array(feats.array("text_cls")))
-    owner = np.array(feats.array("caption_image"))
-    patches = torch.cat(
-        [model.fg_image(*(_rows(a, slice(s, s + 256)) for a in arrays["single"])) for s in range(0, len(img_cls), 256)]
-    )
-    tok, word, _ = _texts(np.arange(len(txt_cls)), arrays["tokens"], arrays["word"], arrays["content"])
-    tokens = model.fg_text(tok)
-    sim = txt_cls @ img_cls.T
-    cls_only = summarise(i2t_recall(sim.T.topk(10, 1)[1].numpy(), owner), t2i_recall(sim.topk(10, 1)[1].numpy(), owner))
     rows = []
+    cls_only = None
     for k in (20, 50, 100):
-        t_s, t_c = sim.topk(k, 1)
-        i_s, i_c = sim.T.topk(k, 1)
-        t_m = torch.cat(
-            [
-                cmli_t2i_candidates(tokens[s : s + 32], word[s : s + 32], patches[t_c[s : s + 32]])[0]
-                for s in range(0, len(tokens), 32)
-            ]
-        )
-        i_m = torch.cat(
-            [
-                cmli_i2t_candidates(patches[s : s + 32], tokens[i_c[s : s + 32]], word[i_c[s : s + 32]])
-                for s in range(0, len(patches), 32)
-            ]
-        )
+        stage = two_stage_scores(model.fg_image, model.fg_text, feats, arrays, k)
+        t2i, i2t, owner = stage["t2i"], stage["i2t"], stage["caption_image"]
+        cls_only = summarise(i2t_recall(i2t.candidates, owner), t2i_recall(t2i.candidates, owner))
         for norm in ("raw", "zscore"):
             f = zscore if norm == "zscore" else (lambda x: x)
             best = None
             for w in np.round(np.linspace(0, 1, 21), 2):
-                t_order = torch.argsort(-(w * f(t_s) + (1 - w) * f(t_m)), 1).numpy()
-                i_order = torch.argsort(-(w * f(i_s) + (1 - w) * f(i_m)), 1).numpy()
                 mean6 = summarise(
-                    i2t_recall(np.take_along_axis(i_c.numpy(), i_order, 1), owner),
-                    t2i_recall(np.take_along_axis(t_c.numpy(), t_order, 1), owner),
+                    i2t_recall(rerank(i2t.candidates, f(i2t.cls), f(i2t.cmli), w), owner),
+                    t2i_recall(rerank(t2i.candidates, f(t2i.cls), f(t2i.cmli), w), owner),
                 )["mean6"]
                 if best is None or mean6 > best["mean6"]:
                     best = {"mean6": mean6, "cls_weight": float(w)}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from model.cmli import cmli_pairs
+from model.cmli import cmli_i2t_candidates, cmli_pairs, cmli_t2i_candidates
 from model.config import FineGrainedConfig
 from model.emkum import Emkum, FineGrainedHead
 from training.collage import patch_cells
@@ -273,31 +274,28 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     return heads, history
 
 
-@torch.no_grad()
-def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConfig) -> dict:
-    """Rerank Mean6 (CLS candidates from the served vectors, CMLI from the heads, best fusion weight on
-    this split) and collage pointing, all on cached features: the quick loop for choosing a recipe.
-    The numbers to report come from `emkum eval` through the exported graphs."""
-    from model.pretrained import minilm_dir
-    from service.tokenizer import TextTokenizer
-    from training.pointing import PointingTally
+@dataclass
+class Candidates:
+    """For each query: its first-stage candidates (best CLS first), their CLS and CMLI scores: [Q, K]."""
 
-    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json")
-    heads.eval()
-    cache = load_cache(feats, cfg.layers)
+    candidates: np.ndarray
+    cls: np.ndarray
+    cmli: np.ndarray
+
+
+@torch.no_grad()
+def two_stage_scores(image_head, text_head, feats: SplitFeatures, cache: dict, k: int) -> dict:
+    """Both directions of the two-stage search on cached features: CLS top `k` (the served vectors),
+    then CMLI from the heads (eq. 4 for text queries, eq. 3 for image queries). The in-loop evaluation
+    and benchmarks/fusion_sweep.py both read these; the store does the same at serving time."""
     img_cls = torch.from_numpy(np.array(feats.array("single_cls")))
     txt_cls = torch.from_numpy(np.array(feats.array("text_cls")))
-    caption_image = feats.array("caption_image")[:]
     patches = torch.cat(
-        [heads.image(*(_rows(a, slice(s, s + 256)) for a in cache["single"])) for s in range(0, len(img_cls), 256)]
+        [image_head(*(_rows(a, slice(s, s + 256)) for a in cache["single"])) for s in range(0, len(img_cls), 256)]
     )
-    rows = np.arange(len(txt_cls))
-    tok, word, _ = _texts(rows, cache["tokens"], cache["word"], cache["content"])
-    tokens = heads.text(tok)
-    from model.cmli import cmli_i2t_candidates, cmli_t2i_candidates
-
+    tok, word, _ = _texts(np.arange(len(txt_cls)), cache["tokens"], cache["word"], cache["content"])
+    tokens = text_head(tok)
     sim = txt_cls @ img_cls.T
-    k = cfg.candidates
     t2i_s, t2i_c = sim.topk(k, dim=1)
     i2t_s, i2t_c = sim.T.topk(k, dim=1)
     t2i_m = torch.cat(
@@ -312,13 +310,40 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
             for s in range(0, len(patches), 64)
         ]
     )
-    a = [x.numpy() for x in (t2i_c, t2i_s, t2i_m, i2t_c, i2t_s, i2t_m)]
-    cls = summarise(i2t_recall(a[3], caption_image), t2i_recall(a[0], caption_image))["mean6"]
+    return {
+        "t2i": Candidates(t2i_c.numpy(), t2i_s.numpy(), t2i_m.numpy()),
+        "i2t": Candidates(i2t_c.numpy(), i2t_s.numpy(), i2t_m.numpy()),
+        "caption_image": np.array(feats.array("caption_image")),
+        "img_cls": img_cls,
+        "txt_cls": txt_cls,
+        "patches": patches,
+        "tokens": tokens,
+        "word": word,
+    }
+
+
+@torch.no_grad()
+def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConfig) -> dict:
+    """Rerank Mean6 (CLS candidates from the served vectors, CMLI from the heads, best fusion weight on
+    this split) and collage pointing, all on cached features: the quick loop for choosing a recipe.
+    The numbers to report come from `emkum eval` through the exported graphs."""
+    from model.pretrained import minilm_dir
+    from service.tokenizer import TextTokenizer
+    from training.pointing import PointingTally
+
+    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json")
+    heads.eval()
+    cache = load_cache(feats, cfg.layers)
+    stage = two_stage_scores(heads.image, heads.text, feats, cache, cfg.candidates)
+    img_cls, txt_cls, patches, tokens, word = (stage[k] for k in ("img_cls", "txt_cls", "patches", "tokens", "word"))
+    caption_image = stage["caption_image"]
+    t2i, i2t = stage["t2i"], stage["i2t"]
+    cls = summarise(i2t_recall(i2t.candidates, caption_image), t2i_recall(t2i.candidates, caption_image))["mean6"]
     fused = {}
     for w in np.round(np.linspace(0, 1, 11), 2):
         fused[float(w)] = summarise(
-            i2t_recall(rerank(a[3], a[4], a[5], w), caption_image),
-            t2i_recall(rerank(a[0], a[1], a[2], w), caption_image),
+            i2t_recall(rerank(i2t.candidates, i2t.cls, i2t.cmli, w), caption_image),
+            t2i_recall(rerank(t2i.candidates, t2i.cls, t2i.cmli, w), caption_image),
         )["mean6"]
     best_w = max(fused, key=fused.get)
     out = {"cls_mean6": cls, "rerank_mean6": fused[best_w], "cls_weight": best_w, "cmli_only_mean6": fused[0.0]}
