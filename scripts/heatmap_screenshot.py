@@ -11,7 +11,6 @@ result and saves the page. Usage:
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,9 @@ from pathlib import Path
 import httpx
 import typer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.browser import chromium
+
 
 def main(
     model: Path = typer.Option(..., help="an exported model directory"),
@@ -30,8 +32,6 @@ def main(
     word: str = typer.Option(..., help="the word whose heatmap to show"),
     out: Path = typer.Option(Path("docs/img/heatmap.png")),
 ) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -52,23 +52,7 @@ def main(
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")
-        profile = tempfile.mkdtemp()
-        for flag in (
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={profile}",
-            "--window-size=1100,700",
-        ):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver")), options=options)
+        browser = chromium(Path(tempfile.mkdtemp()), window="1100,700")
         try:
             browser.get(url + "/")
             browser.find_element(By.ID, "query").send_keys(query)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.browser import chromium
 from tests.images import jpeg
 from tests.server import running_server
 
@@ -15,34 +15,15 @@ OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 
 
 def test_query_results_and_word_heatmap(tiny_model_dir, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, "install Debian's chromium and chromium-driver (.ci/run does)"
     with running_server(tiny_model_dir, tmp_path / "d", tmp_path) as srv:
         with srv.client() as c:
             files = [("files", (f"{i}.jpg", jpeg(i, 96), "image/jpeg")) for i in range(4)]
             assert c.post("/items", files=files).status_code == 200
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for flag in (
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'chrome'}",
-            "--window-size=1200,900",
-        ):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+        browser = chromium(tmp_path / "chrome")
         try:
             browser.get(srv.url + "/")
             browser.find_element(By.ID, "query").send_keys("a red square on grass")
