@@ -120,7 +120,6 @@ def main(
     json_out: Path | None = typer.Option(None),
 ) -> None:
     """Per-stage locality, shared component and pointing of the model's patch vectors on collages."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = diagnose(checkpoint, data, grid, collages, half)
     text = json.dumps(result, indent=2)
     if json_out:

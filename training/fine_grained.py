@@ -95,16 +95,17 @@ def hard_batches(cls: np.ndarray, batch: int, group: int, rng: np.random.Generat
     return [flat[s : s + batch] for s in range(0, len(flat) - batch + 1, batch)]
 
 
-def _caption_rows(feats: SplitFeatures, owners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random caption index for each image in `owners`."""
-    by_image = feats.by_image if hasattr(feats, "by_image") else None
-    if by_image is None:
-        caption_image = feats.array("caption_image")
-        by_image = [[] for _ in range(feats.meta["images"])]
-        for c, i in enumerate(caption_image):
-            by_image[int(i)].append(c)
-        feats.by_image = by_image
-    return np.array([rng.choice(by_image[int(i)]) for i in owners])
+def _group_by_image(owner: np.ndarray, n_images: int) -> list[list[int]]:
+    """For each image, the rows (captions or swaps) that belong to it."""
+    groups: list[list[int]] = [[] for _ in range(n_images)]
+    for row, image in enumerate(owner):
+        groups[int(image)].append(row)
+    return groups
+
+
+def _caption_rows(cache: dict, owners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random caption row for each image in `owners`."""
+    return np.array([rng.choice(cache["captions_by_image"][int(i)]) for i in owners])
 
 
 def _texts(rows: np.ndarray, tokens: np.ndarray, word: np.ndarray, content: np.ndarray):
@@ -127,13 +128,16 @@ def cell_scores(tokens: torch.Tensor, word: torch.Tensor, patches: torch.Tensor,
     return scores, sim
 
 
-def collage_losses(heads: Heads, feats: SplitFeatures, g: int, idx: np.ndarray, cfg, rng, cache) -> tuple:
+def collage_losses(
+    heads: Heads, cache: dict, g: int, idx: np.ndarray, cfg: FineGrainedTrainConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `cell` and `word` terms on the g x g collages `idx`, one random caption per tile."""
     patches_all = cache[f"collage{g}"]
     groups = cache[f"collage{g}_images"][idx]  # [C, g*g] image indices
     order = np.sort(idx)
     inverse = np.searchsorted(order, idx)
     patches = heads.image(*(_rows(a, order)[inverse] for a in patches_all))
-    rows = _caption_rows(feats, groups.reshape(-1), rng)
+    rows = _caption_rows(cache, groups.reshape(-1), rng)
     tok, word, content = _texts(rows, cache["tokens"], cache["word"], cache["content"])
     tok = heads.text(tok).reshape(len(idx), g * g, tok.shape[1], -1)
     word = word.reshape(len(idx), g * g, -1)
@@ -190,6 +194,7 @@ def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
         "tokens": feats.array("text_tokens"),
         "word": np.load(feats.folder / "text_word_mask.npy"),
         "content": np.load(feats.folder / "text_content_mask.npy"),
+        "captions_by_image": _group_by_image(np.load(feats.folder / "caption_image.npy"), feats.meta["images"]),
     }
     if (feats.folder / "swap_tokens.npy").is_file():
         out["swap"] = {
@@ -200,10 +205,7 @@ def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
             "positive": np.load(feats.folder / "swap_positive.npy"),
             "kind": np.load(feats.folder / "swap_kind.npy"),
         }
-        by_image: list[list[int]] = [[] for _ in range(feats.meta["images"])]
-        for k, i in enumerate(out["swap"]["image"]):
-            by_image[int(i)].append(k)
-        out["swap"]["by_image"] = by_image
+        out["swap"]["by_image"] = _group_by_image(out["swap"]["image"], feats.meta["images"])
     for g in (2, 3):
         if all((feats.folder / f"collage{g}_block{layer}.npy").is_file() for layer in layers):
             out[f"collage{g}"] = [feats.array(f"collage{g}_block{layer}") for layer in layers]
@@ -244,7 +246,7 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
             parts = {}
             if cfg.filip:
                 patches = heads.image(*(_rows(a, idx) for a in single))
-                tok, word, _ = _texts(_caption_rows(train, idx, rng), cache["tokens"], cache["word"], cache["content"])
+                tok, word, _ = _texts(_caption_rows(cache, idx, rng), cache["tokens"], cache["word"], cache["content"])
                 tokens = heads.text(tok)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     parts["filip"] = cmli_contrastive_loss(patches, tokens, word, heads.logit_scale).float()
@@ -256,7 +258,7 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
                 g = collage_sets[step % len(collage_sets)]
                 n_col = len(cache[f"collage{g}_images"])
                 cidx = rng.choice(n_col, size=min(cfg.collage_batch, n_col), replace=False)
-                parts["cell"], parts["word"] = collage_losses(heads, train, g, cidx, cfg, rng, cache)
+                parts["cell"], parts["word"] = collage_losses(heads, cache, g, cidx, cfg, rng)
                 loss = loss + cfg.cell * parts["cell"] + cfg.word * parts["word"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -426,7 +428,6 @@ def run(cfg: FineGrainedRun) -> dict:
     from training.data import read_spec, select_half
     from training.feature_cache import cache_split
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, header = load_checkpoint(Path(cfg.checkpoint))
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", model.cfg.text.max_length)
     cache = Path(cfg.cache_dir)
