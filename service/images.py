@@ -6,6 +6,7 @@ take, too many pixels (decompression bombs are refused before the pixels are dec
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,28 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def decode_image(data: bytes, filename: str, max_bytes: int, max_pixels: int) -> Image.Image:
+class PixelBudget:
+    """The decoded pixels one request may spend across all its images, taken from the headers before
+    any pixel is decoded; the images of a request decode in parallel, hence the lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, pixels: int, name: str) -> None:
+        with self._lock:
+            if self.used + pixels > self.limit:
+                raise ApiError(
+                    413,
+                    "request_too_many_pixels",
+                    f"{name}: the request's images hold more than {self.limit} pixels in all; send fewer per request",
+                )
+            self.used += pixels
+
+
+def decode_image(
+    data: bytes, filename: str, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None
+) -> Image.Image:
     """Bytes -> RGB PIL image with EXIF orientation applied. Raises ApiError(4xx)."""
     name = filename or "upload"
     if not data:
@@ -39,6 +61,8 @@ def decode_image(data: bytes, filename: str, max_bytes: int, max_pixels: int) ->
             w, h = im.size
             if w * h > max_pixels:
                 raise ApiError(413, "too_many_pixels", f"{name}: {w}x{h} pixels, the limit is {max_pixels}")
+            if budget is not None:
+                budget.take(w * h, name)
             im.load()
             im = ImageOps.exif_transpose(im)
     except ApiError:

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    # all images of one request together: 64 files of 49 MP each took 29.5 s of CPU to decode
+    max_request_pixels: int = 200_000_000
+    # explain returns k x query vectors x item vectors similarities; an image query with k = 1000 was 1.35 GB
+    max_explain_values: int = 5_000_000
     max_files: int = 64
     max_query_chars: int = 1000
     max_texts: int = 64

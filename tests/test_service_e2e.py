@@ -34,6 +34,8 @@ def server(tiny_model_dir, tmp_path_factory):
         max_image_bytes=2_000_000,
         max_k=50,
         max_candidates=500,
+        max_request_pixels=5_000_000,
+        max_explain_values=2_000,  # the tiny model: 16 patches; an image query explains 256 per result
     ) as srv:
         yield srv
 
@@ -446,3 +448,29 @@ def test_delete_removes_the_thumbnail_and_a_refused_write_leaves_none(server, cl
     assert set(thumbs.iterdir()) == before
     r = client.post("/items", files=files(jpeg(32), jpeg(32)))  # refused: the same derived id twice
     assert r.status_code == 422 and set(thumbs.iterdir()) == before
+
+
+def test_a_request_cannot_decode_more_pixels_than_its_budget(client):
+    """Issue #15 defect 7: 64 large PNGs in one request took 29.5 s of CPU. Each image is within its
+    own limit (4 MP here); together they exceed the request's (5 MP): refused, nothing written."""
+    from PIL import Image
+
+    big = encode(Image.new("RGB", (1500, 1500), (200, 30, 30)), "PNG")  # 2.25 MP each, a few KB
+    before = client.get("/items", params={"limit": 1000}).json()["total"]
+    for path in ("/embed/image", "/items"):
+        r = client.post(path, files=files(big, big, big, name="big.png", ctype="image/png"))
+        assert r.status_code == 413 and error_of(r) == "request_too_many_pixels", r.text
+    assert client.post("/embed/image", files=files(big, big, name="big.png", ctype="image/png")).status_code == 200
+    assert client.get("/items", params={"limit": 1000}).json()["total"] == before
+
+
+def test_explain_refuses_a_response_beyond_its_bound_and_names_the_k_that_fits(client):
+    """Issue #15 defect 7: explain with k=1000 on an image query returned 1.35 GB."""
+    client.post("/items", files=files(jpeg(41), jpeg(42), jpeg(43)))
+    query = ("file", ("q.jpg", jpeg(41), "image/jpeg"))
+    r = client.post("/search/image", files=[query], data={"k": 10, "explain": "true"})
+    assert r.status_code == 413 and error_of(r) == "explain_too_large"
+    assert "k <= 7" in r.json()["error"]["message"]  # 2,000 // (16 query patches x 16 patches)
+    ok = client.post("/search/image", files=[query], data={"k": 7, "explain": "true"})
+    assert ok.status_code == 200 and all("matches" in h for h in ok.json()["results"])
+    assert client.post("/search/image", files=[query], data={"k": 10}).status_code == 200  # no explain: fine

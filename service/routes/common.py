@@ -15,7 +15,7 @@ from service import metrics
 from service.deps import AppState, run_encoder
 from service.encoders import ImageEmbedding, TextEmbedding
 from service.errors import ApiError
-from service.images import decode_image, preprocess, thumbnail_jpeg
+from service.images import PixelBudget, decode_image, preprocess, thumbnail_jpeg
 from service.modelcard import rerank_defaults
 
 T = TypeVar("T")
@@ -30,7 +30,7 @@ async def read_upload(state: AppState, upload: UploadFile) -> bytes:
 
 
 async def decode_upload(
-    state: AppState, upload: UploadFile, thumbnail_size: int | None = None
+    state: AppState, upload: UploadFile, thumbnail_size: int | None = None, budget: PixelBudget | None = None
 ) -> tuple[bytes, bytes | None, np.ndarray]:
     """(bytes, thumbnail JPEG or None, model input) for one uploaded file; 4xx on anything wrong with
     it. At most one decode per core runs at once (`state.decode_slots`), and the full-size image is
@@ -40,7 +40,7 @@ async def decode_upload(
     async with state.decode_slots:
         start = time.perf_counter()
         image = await run_in_threadpool(
-            decode_image, data, upload.filename or "upload", s.max_image_bytes, s.max_image_pixels
+            decode_image, data, upload.filename or "upload", s.max_image_bytes, s.max_image_pixels, budget
         )
         spec = state.card["image"]
         pixels = await run_in_threadpool(preprocess, image, spec["size"], spec["mean"], spec["std"])
@@ -106,6 +106,25 @@ async def embed_texts(state: AppState, texts: list[str]) -> tuple[list[TextEmbed
     batch = state.tokenizer(texts)
     metrics.STAGE_LATENCY.labels("tokenize").observe(time.perf_counter() - start)
     return await in_batches(state, "text", batch.rows()), batch.truncated, batch.words
+
+
+def request_budget(state: AppState) -> PixelBudget:
+    return PixelBudget(state.settings.max_request_pixels)
+
+
+def check_explain(state: AppState, k: int, query_vectors: int) -> None:
+    """explain answers k x query vectors x item vectors numbers: refuse, naming the sizes, beyond the
+    setting rather than build a response of gigabytes."""
+    per_item = state.card["image"]["num_patches"] // state.store.config.patch_pool**2
+    values = k * query_vectors * per_item
+    limit = state.settings.max_explain_values
+    if values > limit:
+        raise ApiError(
+            413,
+            "explain_too_large",
+            f"explain for k={k} would return {values} similarities ({query_vectors} query vectors x {per_item} "
+            f"patches x k), the limit is {limit}: ask for k <= {max(1, limit // (query_vectors * per_item))}",
+        )
 
 
 def check_k(state: AppState, k: int, candidates: int | None) -> tuple[int, int]:

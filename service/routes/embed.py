@@ -7,7 +7,14 @@ from pydantic import BaseModel, Field
 
 from service.deps import AppState, get_state
 from service.errors import ApiError
-from service.routes.common import all_in_order, check_text, decode_upload, embed_image_list, embed_texts
+from service.routes.common import (
+    all_in_order,
+    check_text,
+    decode_upload,
+    embed_image_list,
+    embed_texts,
+    request_budget,
+)
 
 router = APIRouter(tags=["embed"])
 
@@ -26,7 +33,8 @@ async def embed_images(
     """Embed images: the global (CLS) vector and, with `patches=true`, one vector per patch."""
     if len(files) > state.settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
-    decoded = await all_in_order([decode_upload(state, upload) for upload in files])
+    budget = request_budget(state)
+    decoded = await all_in_order([decode_upload(state, upload, None, budget) for upload in files])
     embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
     out = []
     for emb in embeddings:

@@ -12,7 +12,7 @@ from index.store import ItemInput
 from service import metrics
 from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
-from service.routes.common import all_in_order, check_unicode, decode_upload, embed_image_list
+from service.routes.common import all_in_order, check_unicode, decode_upload, embed_image_list, request_budget
 
 router = APIRouter(tags=["items"])
 
@@ -93,7 +93,8 @@ async def add_items(
         meta.setdefault("filename", name)
         metas.append(meta)
     size = state.settings.thumbnail_size
-    decoded = await all_in_order([decode_upload(state, upload, size) for upload in files])
+    budget = request_budget(state)
+    decoded = await all_in_order([decode_upload(state, upload, size, budget) for upload in files])
     embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
     items = []
     for i, ((data, _, _), emb) in enumerate(zip(decoded, embeddings, strict=True)):

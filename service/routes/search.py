@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from service import metrics
 from service.deps import AppState, get_state
 from service.modelcard import rerank_defaults
-from service.routes.common import check_k, check_text, decode_upload, embed_image, embed_texts
+from service.routes.common import check_explain, check_k, check_text, decode_upload, embed_image, embed_texts
 
 router = APIRouter(tags=["search"])
 
@@ -30,6 +30,8 @@ def _ms(seconds: float) -> float:
 
 
 async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, explain, timings, words=None):
+    if explain:
+        check_explain(state, k, int(np.asarray(q_mask).astype(bool).sum()))
     found: dict[str, float] = {}
     cls_weight = rerank_defaults(state.card).cls_weight
     search = functools.partial(  # threads: the load is read here, when the request is in flight
