@@ -250,3 +250,39 @@ def test_hard_batches_group_each_image_with_its_cls_neighbours_and_use_every_ima
     random = hard_batches(cls, batch=16, group=1, rng=rng)
     assert sorted(np.concatenate(random).tolist()) == list(range(64))
     assert any(len(np.unique(b // 4)) > 4 for b in random)  # random batches mix clusters
+
+
+def test_the_whole_recipe_caches_trains_merges_and_exports(synthetic_data, tmp_path):
+    """`emkum train-fine-grained` end to end on the synthetic collection with the tiny model: the cache
+    holds every array the trainer reads (swaps included), training runs on it, the written checkpoint
+    carries the head and the val-half choices, and it exports with parity."""
+    from training.export import export
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import FineGrainedRun, FineGrainedTrainConfig, run
+
+    base = _tiny(None)
+    save_checkpoint(tmp_path / "base.safetensors", base, InitRecipe(), seed=0, extra={"val": {"cls": {"mean6": 1.0}}})
+    images = str(synthetic_data.parent / "images")
+    cfg = FineGrainedRun(
+        checkpoint=str(tmp_path / "base.safetensors"),
+        out=str(tmp_path / "fg.safetensors"),
+        train_data=f"karpathy:{synthetic_data}:{images}:train",
+        val_data=f"karpathy:{synthetic_data}:{images}:val",
+        val_half="all",
+        cache_dir=str(tmp_path / "cache"),
+        layers=(1, 2),
+        train_collages={2: 1, 3: 1},
+        train=FineGrainedTrainConfig(layers=(1, 2), epochs=1, batch=8, collage_batch=2, candidates=4),
+    )
+    summary = run(cfg)
+    train = SplitFeatures.load(tmp_path / "cache" / "train")
+    for name in ("single_block1", "single_block2", "single_cls", "collage2_block2", "collage3_block1", "swap_tokens"):
+        assert (train.folder / f"{name}.npy").is_file(), name
+    assert len(np.load(train.folder / "swap_image.npy")) > 0
+    final = summary["history"][-1]
+    assert {"rerank_mean6", "pointing2", "pointing3", "choice_cmli"} <= set(final)
+    model, header = load_checkpoint(tmp_path / "fg.safetensors")
+    assert model.cfg.fine_grained == FineGrainedConfig(vision_layers=(1, 2), hidden=0)
+    assert header["extra"]["val"]["cls_weight"] == final["cls_weight"] and "cls" in header["extra"]["val"]
+    card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
+    assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
