@@ -8,7 +8,7 @@ weights for image and text -> LayerNorm -> linear projection to `proj_dim`, L2-n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ class ImageOutput:
     patches: torch.Tensor  # [B, N, P] L2-normalised patch vectors
     hidden: torch.Tensor  # [B, 1 + N, width] shared-block output, before the projection
     kd: torch.Tensor | None  # [B, teacher_dim] regression-head prediction from [I_CLS]
+    # raw outputs [B, 1 + N, vision width] of the tower blocks the caller asked for (and the head reads)
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TextOutput:
     token_mask: torch.Tensor  # [B, L] 1 for word tokens: not CLS, not SEP, not padding
     hidden: torch.Tensor
     kd: torch.Tensor | None
+    tower: torch.Tensor | None = None  # [B, L, text width] the text tower's output, what the head reads
 
 
 class RegressionHead(nn.Module):
@@ -117,15 +120,19 @@ class Emkum(nn.Module):
         return self.final_norm(x)
 
     # -- public ----------------------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor, with_kd: bool = True) -> ImageOutput:
+    def encode_image(
+        self, pixels: torch.Tensor, with_kd: bool = True, keep_layers: tuple[int, ...] = ()
+    ) -> ImageOutput:
+        """`keep_layers`: tower blocks whose raw outputs to return too (the feature cache reads them
+        from the same pass that gives the CLS vector)."""
         before = self._type_vector(IMAGE_TYPE) if self.cfg.tte == "before" else None
         keep = self.cfg.fine_grained.vision_layers if self.fg_image is not None else ()
-        tower, layers = self.vision.forward_layers(pixels, before, keep)
+        tower, layers = self.vision.forward_layers(pixels, before, tuple(sorted({*keep, *keep_layers})))
         hidden = self._shared(self.vision_adapter(tower), IMAGE_TYPE, None)
         emb = F.normalize(self.image_proj(hidden), dim=-1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
         patches = self.fg_image(*(layers[i][:, 1:] for i in keep)) if keep else emb[:, 1:]
-        return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd)
+        return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd, layers=layers)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:
         before = self._type_vector(TEXT_TYPE) if self.cfg.tte == "before" else None
@@ -137,7 +144,7 @@ class Emkum(nn.Module):
         t = self.cfg.text
         word = mask.to(torch.bool) & (ids != t.cls_token_id) & (ids != t.sep_token_id)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        return TextOutput(cls=emb[:, 0], tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd)
+        return TextOutput(cls=emb[:, 0], tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd, tower=tower)
 
     def forward(
         self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor

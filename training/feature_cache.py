@@ -78,12 +78,12 @@ def cache_split(
     groups = {g: np.concatenate([collage_groups(len(pairs), g, seed=r) for r in range(n)]) for g, n in collages.items()}
     n_patch, width = cfg.vision.num_patches, cfg.vision.width
 
-    def run_images(stack: np.ndarray, with_cls: bool) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    def run_images(stack: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """One pass of the model: the cached blocks' patches and the CLS vector."""
         px = normalize(torch.from_numpy(stack).permute(0, 3, 1, 2).float() / 255, cfg.vision.mean, cfg.vision.std)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, kept = model.vision.forward_layers(px, None, layers)
-            cls = model.encode_image(px, with_kd=False).cls.float() if with_cls else None
-        return {k: v[:, 1:].float() for k, v in kept.items()}, cls
+            out = model.encode_image(px, with_kd=False, keep_layers=layers)
+        return {k: out.layers[k][:, 1:].float() for k in layers}, out.cls.float()
 
     sets = {"single": (len(pairs), lambda s, e: images[s:e])}
     for g, grp in groups.items():
@@ -98,7 +98,7 @@ def cache_split(
         cls_out = _open(folder, f"{name}_cls", (count, cfg.proj_dim), np.float32) if name == "single" else None
         for s in tqdm(range(0, count, batch), desc=f"tower features: {name}", unit="batch"):
             e = min(s + batch, count)
-            kept, cls = run_images(make(s, e), cls_out is not None)
+            kept, cls = run_images(make(s, e))
             for layer in layers:
                 outs[layer][s:e] = kept[layer].numpy()
             if cls_out is not None:
@@ -143,7 +143,7 @@ def cache_texts(model: Emkum, tokenizer: TextTokenizer, texts: list[str], folder
         ids, mask = torch.from_numpy(b.ids[:, :MAX_TOKENS]), torch.from_numpy(b.mask[:, :MAX_TOKENS])
         out = model.encode_text(ids, mask, with_kd=False)
         n = ids.shape[1]
-        tok[s : s + len(ids), :n] = model.text(ids, mask).float().numpy()
+        tok[s : s + len(ids), :n] = out.tower.float().numpy()
         word[s : s + len(ids), :n] = out.token_mask.numpy()
         cls[s : s + len(ids)] = out.cls.float().numpy()
         for i, strings in enumerate(b.words):
