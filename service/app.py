@@ -15,7 +15,7 @@ from index import VectorStore, one_thread_per_search
 from service import metrics
 from service.deps import AppState, available_cores
 from service.encoders import Encoders
-from service.errors import error_response, install_handlers
+from service.errors import error_response, install_handlers, without_paths
 from service.modelcard import load_model_card, store_config
 from service.routes import embed, health, items, search, web
 from service.settings import Settings
@@ -85,8 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             load_state(state)
             log.info("ready: %s on %s, %d items", state.card["name"], state.encoders.provider, len(state.store))
         except Exception as exc:  # keep serving /healthz and a /readyz that says why
-            state.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("not ready: %s", state.load_error)
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("not ready: %s", reason)  # the full text, paths included, for the operator
+            state.load_error = without_paths(reason, settings)  # what /readyz and 503s tell clients
         yield
         if state.encoders:
             state.encoders.close()

@@ -14,7 +14,7 @@ from fastapi import Header, Request
 
 from index import VectorStore
 from service.encoders import Encoders, QueueFull
-from service.errors import ApiError, without_paths
+from service.errors import ApiError
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
@@ -35,7 +35,7 @@ class AppState:
     store: VectorStore | None = None
     tokenizer: TextTokenizer | None = None
     thumbs: Path | None = None
-    load_error: str | None = None
+    load_error: str | None = None  # why loading failed, as clients may see it (no paths)
     search_pool: ThreadPoolExecutor | None = None  # searches run here, one core each
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(available_cores()))
     active_requests: int = 0  # HTTP requests being served (the batchers wait for company only if > 1)
@@ -60,9 +60,7 @@ def get_state(request: Request) -> AppState:
         raise ApiError(
             503,
             "not_ready",
-            without_paths(state.load_error, state.settings)
-            if state.load_error
-            else "the model and index are still loading",
+            state.load_error or "the model and index are still loading",
             {"Retry-After": "5"},
         )
     return state

@@ -4,8 +4,6 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import without_paths
-
 router = APIRouter(tags=["health"])
 
 
@@ -33,7 +31,7 @@ def readyz(request: Request) -> JSONResponse:
             patch_pool=state.store.config.patch_pool,
         )
     elif state.load_error:
-        body["error"] = without_paths(state.load_error, state.settings)
+        body["error"] = state.load_error
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
