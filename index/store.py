@@ -243,10 +243,9 @@ class VectorStore:
         """Insert or replace items; returns 'created' or 'updated' per item once durable on disk."""
         self.check_writable()
         items = [self._pooled(it) for it in items]
-        for it in items:
-            self._validate(it)
         seen: set[str] = set()
         for it in items:
+            self._validate(it)
             if it.id in seen:
                 raise DuplicateItem(f"item id {it.id!r} appears more than once in one write")
             seen.add(it.id)

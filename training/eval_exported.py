@@ -101,7 +101,7 @@ def evaluate_exported(
                 f"{g}x{g}": collage_pointing(encoders, tokenizer, card, pairs, arrays, g, Path(tmp) / f"collage{g}")
                 for g in (2, 3)
             }
-            out["choice"] = fine_grained_choice(encoders, tokenizer, image_store, images, pairs, weight)
+            out["choice"] = fine_grained_choice(encoders, tokenizer, image_store, images, embedded, pairs, weight)
     encoders.close()
     out["provider"], out["precision"] = encoders.provider, encoders.precision
     out["candidates"] = candidates
@@ -145,11 +145,19 @@ def collage_pointing(
 
 
 def fine_grained_choice(
-    encoders: Encoders, tokenizer: TextTokenizer, store: VectorStore, images: list, pairs: list, weight: float
+    encoders: Encoders,
+    tokenizer: TextTokenizer,
+    store: VectorStore,
+    images: list,
+    captions: list,
+    pairs: list,
+    weight: float,
 ) -> dict:
-    """True caption vs a one-word swap, for each image (training/swaps.py): accuracy in percent."""
+    """True caption vs a one-word swap, for each image (training/swaps.py): accuracy in percent.
+    `captions`: the split's embedded captions, in pair order (the true captions are among them)."""
     swaps = make_swaps([p.captions for p in pairs])
-    pos = embed_texts(encoders, tokenizer, [s.positive for s in swaps])
+    first = np.cumsum([0] + [len(p.captions) for p in pairs])
+    pos = [captions[first[s.image] + pairs[s.image].captions.index(s.positive)] for s in swaps]
     neg = embed_texts(encoders, tokenizer, [s.negative for s in swaps])
     wins = {kind: {"cls": [], "cmli": [], "fused": []} for kind in (*KINDS, "all")}
     for s, p, n in zip(swaps, pos, neg, strict=True):
