@@ -474,3 +474,37 @@ def test_explain_refuses_a_response_beyond_its_bound_and_names_the_k_that_fits(c
     ok = client.post("/search/image", files=[query], data={"k": 7, "explain": "true"})
     assert ok.status_code == 200 and all("matches" in h for h in ok.json()["results"])
     assert client.post("/search/image", files=[query], data={"k": 10}).status_code == 200  # no explain: fine
+
+
+def _multipart(fields: list[tuple[str, bytes]], image: bytes) -> tuple[bytes, str]:
+    """A multipart body built by hand, so a field can hold bytes no HTTP client library would send."""
+    boundary = "emkum-test-boundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+    ]
+    for name, value in fields:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_an_id_that_is_not_utf8_is_refused_and_a_unicode_id_round_trips(client):
+    """Issue #15 defect 4: an id of invalid UTF-8 bytes was stored as its Latin-1 reading, a different
+    text from the one the client sent."""
+    body, ctype = _multipart([("ids", b"caf\xe9-raw")], jpeg(51))
+    r = client.post("/items", content=body, headers={"content-type": ctype})
+    assert r.status_code == 400 and error_of(r) == "invalid_body" and "'ids'" in r.json()["error"]["message"]
+    assert client.get("/items/caf\u00e9-raw").status_code == 404
+    body, ctype = _multipart([("ids", "caf\u00e9-\u732b".encode())], jpeg(51))  # valid UTF-8: kept as sent
+    r = client.post("/items", content=body, headers={"content-type": ctype})
+    assert r.status_code == 200 and r.json()["items"][0]["id"] == "caf\u00e9-\u732b"
+    assert client.get("/items/caf\u00e9-\u732b").status_code == 200
+    body, ctype = _multipart([("k", b"\xff")], jpeg(51))
+    r = client.post(
+        "/search/image", content=body.replace(b'name="files"', b'name="file"'), headers={"content-type": ctype}
+    )
+    assert r.status_code == 400 and "'k'" in r.json()["error"]["message"]

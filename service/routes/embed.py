@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from service.deps import AppState, get_state
 from service.errors import ApiError
+from service.forms import Utf8FormRoute
 from service.routes.common import (
     all_in_order,
     check_text,
@@ -16,7 +17,7 @@ from service.routes.common import (
     request_budget,
 )
 
-router = APIRouter(tags=["embed"])
+router = APIRouter(tags=["embed"], route_class=Utf8FormRoute)
 
 
 class TextRequest(BaseModel):

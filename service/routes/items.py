@@ -12,9 +12,10 @@ from index.store import ItemInput
 from service import metrics
 from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
+from service.forms import Utf8FormRoute
 from service.routes.common import all_in_order, check_unicode, decode_upload, embed_image_list, request_budget
 
-router = APIRouter(tags=["items"])
+router = APIRouter(tags=["items"], route_class=Utf8FormRoute)
 
 
 def thumb_path(state: AppState, item_id: str):

@@ -11,10 +11,11 @@ from pydantic import BaseModel
 
 from service import metrics
 from service.deps import AppState, get_state
+from service.forms import Utf8FormRoute
 from service.modelcard import rerank_defaults
 from service.routes.common import check_explain, check_k, check_text, decode_upload, embed_image, embed_texts
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], route_class=Utf8FormRoute)
 
 
 class TextSearch(BaseModel):
