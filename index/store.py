@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -55,6 +57,10 @@ class StoreConfig:
     # vectors are stored (kept as fp16 until then, then re-encoded): trained on a first upload of
     # one image, SQ8 kept 0.74 of the exact top 10 on real vectors instead of 0.9985.
     codec_training_vectors: int = 65_536
+    # Space held back in `space.reserve` so that a DELETE can still commit on a full disk (SQLite
+    # needs room in its WAL to delete): released when a delete finds the disk full, made again once
+    # the disk has twice this much free. 0: no reserve.
+    disk_reserve_bytes: int = 8 * 2**20
 
 
 @dataclass
@@ -84,6 +90,7 @@ class VectorStore:
         self.config = replace(config)  # codec and pool are resolved against the directory below
         self.db_path = self.path / "items.sqlite"
         self.snapshot_path = self.path / "cls.faiss"
+        self.reserve_path = self.path / "space.reserve"
         self._lock = threading.RLock()
         self.snapshot_warning: str | None = None  # why the CLS snapshot was not used, when it was not
         # A directory that refuses writes opens read-only: search serves what it holds.
@@ -98,6 +105,7 @@ class VectorStore:
         self._load_items()
         self._cls = self._load_cls_index()
         self._changes_since_snapshot = 0
+        self._ensure_reserve()
 
     def check_writable(self) -> None:
         """Refuse a write up front (ReadOnlyStore) when the store was opened read-only."""
@@ -290,11 +298,43 @@ class VectorStore:
             iid = self._iid_of.get(item_id)
             if iid is None:
                 raise UnknownItem(f"no item with id {item_id!r}")
-            with self._transaction():
-                self._delete_row(iid)
+            try:
+                with self._transaction():
+                    self._delete_row(iid)
+            except ReadOnlyStore:
+                if not self._release_reserve():
+                    raise
+                with self._transaction():  # the reserve's space lets the WAL take the delete
+                    self._delete_row(iid)
             self._forget(iid)
             del self._iid_of[item_id]
             self._after_change(1)
+
+    def _ensure_reserve(self) -> None:
+        """Make the reserve file when it is missing and the disk can spare it twice over (so that
+        making it never takes the last free space that writes need)."""
+        size = self.config.disk_reserve_bytes
+        if self.read_only or size <= 0 or self.reserve_path.exists():
+            return
+        try:
+            if shutil.disk_usage(self.path).free < 2 * size:
+                return
+            tmp = self.reserve_path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, size)  # real blocks, not a sparse file
+            tmp.replace(self.reserve_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.reserve_path.with_suffix(".tmp").unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        """Give the reserve's space back to the disk; False when there was none to give."""
+        try:
+            self.reserve_path.unlink()
+        except OSError:
+            return False
+        log.warning("the disk is full: released %s to let a delete commit", self.reserve_path.name)
+        return True
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -328,6 +368,7 @@ class VectorStore:
 
     def _after_change(self, n: int) -> None:
         self._changes_since_snapshot += n
+        self._ensure_reserve()
         if self._changes_since_snapshot >= self.config.snapshot_every:
             # the change log still holds everything if this fails; try again at the next change
             with contextlib.suppress(ReadOnlyStore):

@@ -49,6 +49,7 @@ def load_state(state: AppState) -> None:
             snapshot_every=s.snapshot_every,
             patch_pool=s.patch_pool,
             codec_training_vectors=s.codec_training_vectors,
+            disk_reserve_bytes=s.disk_reserve_bytes,
         ),
     )
     state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     codec_training_vectors: int = Field(65_536, ge=1)  # SQ8/SQ4/PQ learn from this many stored vectors
     use_gpu_index: bool = True
     snapshot_every: int = 5000
+    disk_reserve_bytes: int = Field(8 * 2**20, ge=0)  # kept free so that DELETE works on a full disk
     thumbnail_size: int = 256
 
     @classmethod

@@ -106,3 +106,14 @@ def read_only_view(data: Path) -> tuple[list[str] | None, Callable[[], object]]:
     for p, mode in modes.items():
         p.chmod(mode & ~0o222)
     return None, lambda: [p.chmod(mode) for p, mode in modes.items()]
+
+
+def small_disk_view(data: Path, size: str) -> list[str]:
+    """Command prefix that gives a child process `data` as a fresh tmpfs of `size` (for example
+    "3m") in its own mount namespace: a disk that really fills (ENOSPC), unlike a file-size limit.
+    Needs root (CI runs as root); the contents go when the child exits."""
+    if os.geteuid() != 0:
+        raise PermissionError("a private tmpfs needs root")
+    data.mkdir(parents=True, exist_ok=True)
+    mount = f'mount -t tmpfs -o size={size} tmpfs {data} && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", mount, "sh"]

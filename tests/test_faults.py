@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.images import jpeg
-from tests.server import read_only_view, running_server
+from tests.server import read_only_view, running_server, small_disk_view
 
 pytestmark = pytest.mark.e2e
 
@@ -61,6 +61,36 @@ def test_full_disk_refuses_writes_and_keeps_serving(tiny_model_dir, tmp_path):
         present = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
         assert set(acked) <= present
         assert c.post("/items", files=[("files", ("y.jpg", jpeg(12345, 64), "image/jpeg"))]).status_code == 200
+
+
+def test_on_a_really_full_disk_delete_still_frees_space(tiny_model_dir, tmp_path):
+    """Issue #15 defect 6: on a full disk DELETE answered 507 too (SQLite needs WAL room to delete),
+    so space could not be freed through the API. A real ENOSPC here: the data directory is a 2 MB
+    tmpfs in the server's own mount namespace (CI runs as root)."""
+    data = tmp_path / "d"
+    wrap = small_disk_view(data, "2m")
+    settings = {"snapshot_every": 1_000_000, "disk_reserve_bytes": 256 * 1024}
+    with running_server(tiny_model_dir, data, tmp_path, wrap=wrap, quiet=True, **settings) as srv, srv.client() as c:
+        acked, refused = [], None
+        for i in range(5000):
+            r = c.post("/items", files=[("files", (f"{i}.jpg", jpeg(i, 64), "image/jpeg"))], data={"ids": [f"i{i}"]})
+            if r.status_code != 200:
+                refused = r
+                break
+            acked.append(f"i{i}")
+        assert refused is not None and refused.status_code == 507, "the 2 MB disk never filled"
+        assert "disk is full" in refused.text and len(acked) > 10
+        for victim in acked[:3]:
+            r = c.delete(f"/items/{victim}")
+            assert r.status_code == 200, r.text
+            assert c.get(f"/items/{victim}").status_code == 404
+        # the deleted rows' pages are free inside the database again: a write of the same size commits
+        r = c.post("/items", files=[("files", ("n.jpg", jpeg(77_777, 64), "image/jpeg"))], data={"ids": ["after"]})
+        assert r.status_code == 200, r.text
+        listed = {x["id"] for x in c.get("/items", params={"limit": 1000}).json()["items"]}
+        assert listed == (set(acked[3:]) | {"after"})
+        hit = c.post("/search/image", files=[("file", ("q.jpg", jpeg(5, 64), "image/jpeg"))], data={"k": 1})
+        assert hit.json()["results"][0]["id"] == "i5"
 
 
 def test_read_only_data_directory_serves_search_and_refuses_writes(tiny_model_dir, tmp_path):

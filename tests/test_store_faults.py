@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from index import DuplicateItem, StoreConfig, VectorStore
+from index.errors import ReadOnlyStore
 from index.store import ItemInput
 from tests.conftest import unit
 
@@ -181,3 +182,28 @@ def test_a_snapshot_that_misses_items_after_replay_is_rebuilt(tmp_path, rng):
     again = VectorStore(tmp_path, cfg())
     assert "after replay" in again.snapshot_warning
     assert_findable_exactly(again, acked)
+
+
+def test_the_disk_reserve_is_real_blocks_released_for_a_delete_and_made_again(tmp_path, rng, monkeypatch):
+    """The reserve that lets DELETE commit on a full disk (the HTTP test fills a real tmpfs)."""
+    store = VectorStore(tmp_path, cfg(disk_reserve_bytes=1 << 20))
+    reserve = tmp_path / "space.reserve"
+    assert reserve.stat().st_size == 1 << 20 and reserve.stat().st_blocks * 512 >= 1 << 20  # not sparse
+    store.add([item(rng, "a"), item(rng, "b")])
+    real = store._transaction
+    calls = {"n": 0}
+
+    def full_once():  # the first commit attempt meets a full disk, as SQLite reports it
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ReadOnlyStore("cannot write items.sqlite: database or disk is full")
+        return real()
+
+    monkeypatch.setattr(store, "_transaction", full_once)
+    monkeypatch.setattr(store, "_ensure_reserve", lambda: None)  # the disk is "still full"
+    store.delete("a")
+    assert not reserve.exists() and "a" not in store
+    monkeypatch.undo()
+    store.delete("b")  # the disk has room again: the reserve comes back
+    assert reserve.stat().st_size == 1 << 20
+    assert not VectorStore(tmp_path / "none", cfg(disk_reserve_bytes=0)).reserve_path.exists()
