@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 
 from index import VectorStore, one_thread_per_search
 from service import metrics
+from service.deadline import mark_arrival
 from service.deps import AppState, available_cores
 from service.encoders import Encoders
 from service.errors import error_response, install_handlers, without_paths
@@ -38,6 +39,7 @@ def load_state(state: AppState) -> None:
         s.max_wait_ms,
         s.queue_size,
         company=lambda: state.active_requests > 1,
+        max_queue_wait_ms=s.max_queue_wait_ms,
     )
     store = VectorStore(
         s.data_dir,
@@ -117,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if length and length.isdigit() and int(length) > body_limit:
             return error_response(413, "request_too_large", f"request body of {length} bytes, limit {body_limit}")
         start = time.perf_counter()
+        mark_arrival()
         state.active_requests += 1
         metrics.IN_FLIGHT.inc()
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Header, Request
 
 from index import VectorStore
+from service.deadline import Shed, overloaded, remaining
 from service.encoders import Encoders, QueueFull
 from service.errors import ApiError
 from service.settings import Settings
@@ -78,19 +79,19 @@ def require_api_key(request: Request, x_api_key: str | None = Header(default=Non
 
 
 async def run_encoder(state: AppState, batcher_name: str, payload: Any) -> Any:
-    """Submit one input to an encoder's micro-batcher and wait for it, bounded by the timeout."""
+    """Submit one input to an encoder's micro-batcher and wait for it, until the request's deadline."""
     batcher = getattr(state.encoders, batcher_name)
     try:
         future = batcher.submit(payload)
     except QueueFull:
-        raise ApiError(
-            503,
-            "overloaded",
-            f"the {batcher_name} encoder queue is full; retry shortly",
-            {"Retry-After": "1"},
-        ) from None
+        raise overloaded(f"the {batcher_name} encoder queue is full") from None
+    except Shed as exc:
+        raise overloaded(str(exc)) from None
+    left = max(0.0, remaining(state.settings.request_timeout_s))
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), state.settings.request_timeout_s)
+        return await asyncio.wait_for(asyncio.wrap_future(future), left)
+    except Shed as exc:
+        raise overloaded(str(exc)) from None
     except TimeoutError:
         future.cancel()
         raise ApiError(

@@ -2,8 +2,9 @@
 
 Concurrent requests put their inputs on a bounded queue; one worker thread per encoder takes up to
 `max_batch` inputs, waiting at most `max_wait_ms` for more after the first, runs one batched
-session call and resolves each request's future. A full queue refuses new work at once (the route
-answers 503 with Retry-After) instead of letting a backlog pile up."""
+session call and resolves each request's future. A full queue refuses new work at once, and an input
+that waited longer than `max_queue_wait_ms` is refused instead of run late (the route answers 503
+with Retry-After either way) rather than letting a backlog and its latency grow without bound."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import metrics
+from service.deadline import Shed
 
 
 class QueueFull(Exception):
@@ -64,6 +66,8 @@ def open_session(path: Path, providers: list[str], threads: int = 0, spinning: b
 class _Job:
     payload: Any
     future: Future
+    queued: float  # time.monotonic() at submit
+    waited: float = 0.0  # from submit until the worker took it (a batch's gathering window excluded)
 
 
 class MicroBatcher:
@@ -77,6 +81,7 @@ class MicroBatcher:
         max_wait_ms: float,
         queue_size: int,
         company: Callable[[], bool] | None = None,
+        max_queue_wait_ms: float = float("inf"),
     ) -> None:
         """`company()` says whether other requests are being served that might still join a batch;
         when it says no and nothing is queued, a lone input runs at once instead of waiting
@@ -86,14 +91,20 @@ class MicroBatcher:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
+        self.max_queue_wait = max_queue_wait_ms / 1000
+        self.last_wait = 0.0  # how long the latest batch's oldest input had waited
         self.queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self.thread.start()
 
     def submit(self, payload: Any) -> Future:
         future: Future = Future()
+        if self.last_wait > self.max_queue_wait and not self.queue.empty():
+            # the queue is already past its bound: refuse now rather than after the same wait
+            metrics.SHED.labels(self.name, "queue_wait").inc()
+            raise Shed(self.name, self.last_wait, self.max_queue_wait)
         try:
-            self.queue.put_nowait(_Job(payload, future))
+            self.queue.put_nowait(_Job(payload, future, time.monotonic()))
         except queue.Full:
             metrics.QUEUE_REJECTIONS.labels(self.name).inc()
             raise QueueFull(self.name) from None
@@ -105,6 +116,7 @@ class MicroBatcher:
             first = self.queue.get()
             if first is None:
                 return
+            first.waited = time.monotonic() - first.queued
             jobs = [first]
             alone = self.queue.empty() and self.company is not None and not self.company()
             deadline = time.monotonic() + (0.0 if alone else self.max_wait)
@@ -117,9 +129,11 @@ class MicroBatcher:
                 if job is None:
                     self.queue.put(None)
                     break
+                job.waited = time.monotonic() - job.queued
                 jobs.append(job)
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             metrics.QUEUE_DEPTH.labels(self.name).set(self.queue.qsize())
+            jobs = self._shed_stale(jobs)
             if not jobs:
                 continue
             metrics.BATCH_SIZE.labels(self.name).observe(len(jobs))
@@ -133,6 +147,19 @@ class MicroBatcher:
             metrics.STAGE_LATENCY.labels(f"encode_{self.name}").observe(time.perf_counter() - start)
             for j, r in zip(jobs, results, strict=True):
                 j.future.set_result(r)
+
+    def _shed_stale(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs still worth running; those that waited past the bound get Shed."""
+        self.last_wait = max((j.waited for j in jobs), default=0.0)
+        fresh = []
+        for j in jobs:
+            metrics.QUEUE_WAIT.labels(self.name).observe(j.waited)
+            if j.waited > self.max_queue_wait:
+                metrics.SHED.labels(self.name, "queue_wait").inc()
+                j.future.set_exception(Shed(self.name, j.waited, self.max_queue_wait))
+            else:
+                fresh.append(j)
+        return fresh
 
     def close(self) -> None:
         self.queue.put(None)
@@ -167,6 +194,7 @@ class Encoders:
         max_wait_ms: float = 5.0,
         queue_size: int = 256,
         company: Callable[[], bool] | None = None,
+        max_queue_wait_ms: float = float("inf"),
     ) -> None:
         self.card = card
         self.providers = choose_providers(providers)
@@ -176,8 +204,9 @@ class Encoders:
         self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
         self.text_session = open_session(model_dir / text_file, self.providers, threads, spinning)
         self.provider = self.image_session.get_providers()[0]
-        self.image = MicroBatcher("image", self._run_images, max_batch, max_wait_ms, queue_size, company)
-        self.text = MicroBatcher("text", self._run_texts, max_batch, max_wait_ms, queue_size, company)
+        bounds = (max_batch, max_wait_ms, queue_size, company, max_queue_wait_ms)
+        self.image = MicroBatcher("image", self._run_images, *bounds)
+        self.text = MicroBatcher("text", self._run_texts, *bounds)
 
     def embed_images_now(self, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
         """One batched call, bypassing the queue (bulk indexing and evaluation)."""

@@ -20,6 +20,14 @@ BATCH_SIZE = Histogram(
 IN_FLIGHT = Gauge("emkum_requests_in_flight", "HTTP requests being served right now")
 QUEUE_DEPTH = Gauge("emkum_queue_depth", "Inputs waiting for an encoder", ["encoder"])
 QUEUE_REJECTIONS = Counter("emkum_queue_rejections_total", "Requests refused because a queue was full", ["encoder"])
+QUEUE_WAIT = Histogram(
+    "emkum_queue_wait_seconds", "Time work waited for an encoder or a search thread", ["stage"], buckets=LATENCY_BUCKETS
+)
+SHED = Counter(
+    "emkum_shed_total",
+    "Work refused with 503 because it waited past max_queue_wait_ms or its request passed its deadline",
+    ["stage", "reason"],
+)
 ITEMS = Gauge("emkum_index_items", "Items in the index")
 ERRORS = Counter("emkum_errors_total", "Error responses by kind", ["kind"])
 MODEL = Info("emkum_model", "The served model and the ONNX Runtime provider")

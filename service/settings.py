@@ -35,7 +35,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0)
     queue_size: int = Field(256, ge=1)
+    # a request's deadline from its arrival: past it, the encoder wait ends (504) and no further
+    # stage starts (503)
     request_timeout_s: float = Field(30.0, gt=0)
+    # work that waited longer than this for an encoder or a search thread is refused with 503 +
+    # Retry-After instead of being done late (load shedding; emkum_shed_total counts it)
+    max_queue_wait_ms: float = Field(2000.0, gt=0)
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -72,3 +73,48 @@ def test_batcher_waits_for_company_only_when_there_is_some(company):
     finally:
         batcher.close()
     assert batches == ([["a", "b"]] if company else [["a"], ["b"]])
+
+
+def test_batcher_sheds_inputs_that_waited_past_the_bound_and_then_refuses_at_once():
+    """Issue #15 defect 7: the queue only refused when full, so latency grew without limit."""
+    import threading
+
+    from service.deadline import Shed
+    from service.encoders import MicroBatcher
+
+    release = threading.Event()
+
+    def run(batch):
+        release.wait(5)  # the first batch holds the worker while the others queue
+        return [x * 2 for x in batch]
+
+    batcher = MicroBatcher("t", run, max_batch=1, max_wait_ms=0, queue_size=64, max_queue_wait_ms=100)
+    try:
+        first = batcher.submit(1)
+        time.sleep(0.05)  # the worker has taken `first`
+        queued = [batcher.submit(i) for i in range(2, 6)]
+        time.sleep(0.3)  # they wait past the 100 ms bound
+        release.set()
+        assert first.result(5) == 2
+        outcomes = [type(f.exception(5)) if f.exception(5) else f.result() for f in queued]
+        assert outcomes == [Shed] * 4  # none was run late
+        assert batcher.last_wait > 0.1
+        fresh = batcher.submit(7)  # the queue is empty again: accepted, and run at once
+        assert fresh.result(5) == 14
+    finally:
+        release.set()
+        batcher.close()
+
+
+def test_bounded_wait_refuses_work_that_sat_in_a_pool_too_long():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.deadline import Shed, bounded_wait
+
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(time.sleep, 0.3)
+        late = pool.submit(bounded_wait("search", 0.1, lambda: "ran"))
+        prompt = bounded_wait("search", 10.0, lambda: "ran")
+        blocker.result()
+        assert isinstance(late.exception(5), Shed) and "search" in str(late.exception())
+        assert pool.submit(prompt).result(5) == "ran"

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel
 
 from service import metrics
+from service.deadline import Shed, bounded_wait, check_deadline, overloaded
 from service.deps import AppState, get_state
 from service.forms import Utf8FormRoute
 from service.modelcard import rerank_defaults
@@ -48,7 +49,14 @@ async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, 
         found,
         threads=state.rerank_threads(),
     )
-    hits = await asyncio.get_running_loop().run_in_executor(state.search_pool, search)
+    check_deadline("search", state.settings.request_timeout_s)
+    bound = state.settings.max_queue_wait_ms / 1000
+    try:
+        hits = await asyncio.get_running_loop().run_in_executor(
+            state.search_pool, bounded_wait("search", bound, search)
+        )
+    except Shed as exc:
+        raise overloaded(str(exc)) from None
     for stage, seconds in found.items():
         metrics.STAGE_LATENCY.labels(stage).observe(seconds)
         timings[stage] = _ms(seconds)
