@@ -61,18 +61,31 @@ class FineGrainedHead(nn.Module):
     Trained on frozen tower features with token-level objectives (training/fine_grained.py); kept
     apart from the CLS projection so that making words point cannot cost global retrieval."""
 
-    def __init__(self, widths: tuple[int, ...], out_dim: int, hidden: int) -> None:
+    def __init__(self, widths: tuple[int, ...], out_dim: int, hidden: int, context: int = 0) -> None:
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
         width = sum(widths)
         self.mlp = Mlp(width, hidden) if hidden > 0 else None
         self.proj = nn.Linear(width, out_dim)
+        # patches only: a residual depthwise conv over the square patch grid, zero at the start (so
+        # training starts from the plain head); a patch's vector can borrow from its neighbours
+        self.context = None
+        if context > 0:
+            self.context = nn.Conv2d(out_dim, out_dim, context, padding=context // 2, groups=out_dim)
+            nn.init.zeros_(self.context.weight)
+            nn.init.zeros_(self.context.bias)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         x = torch.cat([norm(t) for norm, t in zip(self.norms, inputs, strict=True)], dim=-1)
         if self.mlp is not None:
             x = x + self.mlp(x)
-        return F.normalize(self.proj(x), dim=-1)
+        y = self.proj(x)
+        if self.context is not None:
+            b, n, d = y.shape
+            side = math.isqrt(n)
+            grid = y.transpose(1, 2).reshape(b, d, side, side)
+            y = y + self.context(grid).reshape(b, d, n).transpose(1, 2)
+        return F.normalize(y, dim=-1)
 
 
 class Emkum(nn.Module):
@@ -100,7 +113,7 @@ class Emkum(nn.Module):
         if fg is not None and not (fg.vision_layers and all(1 <= i <= cfg.vision.depth for i in fg.vision_layers)):
             raise ValueError(f"fine_grained.vision_layers must be in 1..{cfg.vision.depth}, got {fg.vision_layers}")
         widths = (cfg.vision.width,) * len(fg.vision_layers) if fg else ()
-        self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden) if fg else None
+        self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden, fg.context) if fg else None
         self.fg_text = FineGrainedHead((cfg.text.width,), cfg.proj_dim, fg.hidden) if fg else None
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -126,15 +126,16 @@ def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
 def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
     from training.export import export
 
-    model = _tiny(FineGrainedConfig(vision_layers=(2,), hidden=0))
+    model = _tiny(FineGrainedConfig(vision_layers=(2,), hidden=0, context=3))
+    torch.nn.init.normal_(model.fg_image.context.weight)  # not zero, so parity covers the conv
     save_checkpoint(tmp_path / "fg.safetensors", model, InitRecipe(), seed=0)
     again, header = load_checkpoint(tmp_path / "fg.safetensors")
-    assert header["config"].fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0)
+    assert header["config"].fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0, context=3)
     torch.testing.assert_close(again.fg_text.proj.weight, model.fg_text.proj.weight)
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
     written = json.loads((tmp_path / "out" / "model.json").read_text())
-    assert written["model_config"]["fine_grained"] == {"vision_layers": [2], "hidden": 0}
+    assert written["model_config"]["fine_grained"] == {"vision_layers": [2], "hidden": 0, "context": 3}
     assert written["fine_grained"]["vision_layers"] == [2]
 
 
@@ -286,3 +287,22 @@ def test_the_whole_recipe_caches_trains_merges_and_exports(synthetic_data, tmp_p
     assert header["extra"]["val"]["cls_weight"] == final["cls_weight"] and "cls" in header["extra"]["val"]
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
+
+
+def test_the_context_head_starts_as_the_plain_head_and_reaches_only_its_neighbours():
+    """FineGrainedHead(context=3): a residual depthwise 3x3 conv over the patch grid, zero at init."""
+    from model.emkum import FineGrainedHead
+
+    torch.manual_seed(0)
+    plain = FineGrainedHead((8,), 6, 0)
+    ctx = FineGrainedHead((8,), 6, 0, context=3)
+    ctx.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 16, 8)  # a 4x4 grid
+    assert torch.allclose(plain(x), ctx(x))
+    torch.nn.init.normal_(ctx.context.weight)
+    before = ctx(x)
+    bumped = x.clone()
+    bumped[:, 5] = torch.randn(2, 8)  # grid cell (1, 1)
+    changed = (ctx(bumped) - before).abs().sum(-1).amax(0) > 1e-6
+    near = {0, 1, 2, 4, 5, 6, 8, 9, 10}  # (1, 1) and its 8 neighbours
+    assert {i for i in range(16) if changed[i]} == near

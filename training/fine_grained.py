@@ -43,6 +43,7 @@ class FineGrainedTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: tuple[int, ...] = (10, 12)  # image-tower blocks the head reads (cached ones)
     hidden: int = 0  # MLP width inside the head (0: LayerNorm + Linear)
+    context: int = 0  # kernel of the patch head's depthwise conv over the grid (model/emkum.py)
     epochs: int = 5
     batch: int = 128  # single images per FILIP step
     collage_batch: int = 32  # collages per step
@@ -66,9 +67,11 @@ class FineGrainedTrainConfig(BaseModel):
 class Heads(torch.nn.Module):
     """The two heads being trained, and the temperature of their contrastive terms."""
 
-    def __init__(self, vision_widths: tuple[int, ...], text_width: int, dim: int, hidden: int) -> None:
+    def __init__(
+        self, vision_widths: tuple[int, ...], text_width: int, dim: int, hidden: int, context: int = 0
+    ) -> None:
         super().__init__()
-        self.image = FineGrainedHead(vision_widths, dim, hidden)
+        self.image = FineGrainedHead(vision_widths, dim, hidden, context)
         self.text = FineGrainedHead((text_width,), dim, hidden)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -221,7 +224,9 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     cache = load_cache(train, cfg.layers)
     single = cache["single"]
     n_images = len(single[0])
-    heads = Heads(tuple(a.shape[-1] for a in single), cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden)
+    heads = Heads(
+        tuple(a.shape[-1] for a in single), cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden, cfg.context
+    )
     decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -388,7 +393,7 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
     import copy
 
     out_cfg = copy.deepcopy(model.cfg)
-    out_cfg.fine_grained = FineGrainedConfig(vision_layers=tuple(cfg.layers), hidden=cfg.hidden)
+    out_cfg.fine_grained = FineGrainedConfig(vision_layers=tuple(cfg.layers), hidden=cfg.hidden, context=cfg.context)
     new = Emkum(out_cfg)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("fg_image.", "fg_text.")) for k in missing), missing
