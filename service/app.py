@@ -16,7 +16,8 @@ from service import metrics
 from service.deadline import mark_arrival
 from service.deps import AppState, available_cores
 from service.encoders import Encoders
-from service.errors import error_response, install_handlers, without_paths
+from service.errors import ApiError, error_response, install_handlers, without_paths
+from service.guards import check_request
 from service.modelcard import load_model_card, store_config
 from service.routes import embed, health, items, search, web
 from service.settings import Settings
@@ -118,6 +119,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > body_limit:
             return error_response(413, "request_too_large", f"request body of {length} bytes, limit {body_limit}")
+        try:
+            check_request(request, settings)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
         start = time.perf_counter()
         mark_arrival()
         state.active_requests += 1

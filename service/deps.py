@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from index import VectorStore
 from service.deadline import Shed, overloaded, remaining
 from service.encoders import Encoders, QueueFull
 from service.errors import ApiError
+from service.guards import key_matches
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
@@ -68,13 +68,9 @@ def get_state(request: Request) -> AppState:
 
 
 def require_api_key(request: Request, x_api_key: str | None = Header(default=None)) -> None:
-    """Write endpoints need `X-API-Key` when a key is configured. hmac.compare_digest keeps the time
-    of a wrong key independent of how many leading characters were right."""
-    expected = request.app.state.emkum.settings.api_key
-    if expected is None:
-        return
-    given = (x_api_key or "").encode()
-    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+    """Write endpoints need `X-API-Key` when a key is configured (reads too with EMKUM_PROTECT_READS,
+    checked in service/guards.py for every route at once)."""
+    if not key_matches(x_api_key, request.app.state.emkum.settings):
         raise ApiError(401, "unauthorized", "a valid X-API-Key header is required for this endpoint")
 
 

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: SecretStr | None = None  # guards the write endpoints when set
+    protect_reads: bool = False  # the key guards search, embed and item reads too (not health/metrics)
+    # Host headers served (names, or *.example.com); anything else gets 400 (DNS rebinding)
+    allowed_hosts: list[str] = ["*"]
+    # origins whose browser pages may POST/DELETE here (scheme://host:port); other sites get 403
+    trusted_origins: list[str] = []
 
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: the fp16 graphs (image.fp16.onnx, text.fp16.onnx) on CUDA when the model has them

@@ -199,10 +199,11 @@ def test_api_key_uses_a_constant_time_comparison(monkeypatch):
     from pydantic import SecretStr
 
     import service.deps as deps
+    import service.guards as guards
 
     calls = []
-    real = deps.hmac.compare_digest
-    monkeypatch.setattr(deps.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    real = guards.hmac.compare_digest
+    monkeypatch.setattr(guards.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
     request = SimpleNamespace(
         app=SimpleNamespace(
             state=SimpleNamespace(emkum=SimpleNamespace(settings=SimpleNamespace(api_key=SecretStr("k" * 32))))

@@ -508,3 +508,49 @@ def test_an_id_that_is_not_utf8_is_refused_and_a_unicode_id_round_trips(client):
         "/search/image", content=body.replace(b'name="files"', b'name="file"'), headers={"content-type": ctype}
     )
     assert r.status_code == 400 and "'k'" in r.json()["error"]["message"]
+
+
+def test_a_cross_site_form_cannot_write_even_with_no_key_set(server, client):
+    """Issue #15 defect 8: with no key set, a form on any site could POST /items."""
+    host = server.url.split("//", 1)[1]
+    form = {"files": ("a.jpg", jpeg(61), "image/jpeg")}
+    for headers in (
+        {"Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "null"},  # a sandboxed frame or a file:// page
+    ):
+        r = client.post("/items", files=form, headers=headers)
+        assert r.status_code == 403 and error_of(r) == "cross_site_request", (headers, r.text)
+        assert client.delete("/items/anything", headers=headers).status_code == 403
+    for headers in ({}, {"Origin": f"http://{host}"}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}):
+        r = client.post("/items", files=form, data={"ids": ["same-site-ok"]}, headers=headers)
+        assert r.status_code == 200, (headers, r.text)
+    assert client.get("/items/same-site-ok", headers={"Origin": "https://evil.example"}).status_code == 200  # reads
+
+
+def test_host_allow_list_trusted_origins_and_protected_reads(tiny_model_dir, tmp_path):
+    """Issue #15 defect 8: no Host check (DNS rebinding), and no way to keep reads private."""
+    settings = {
+        "api_key": "s3cret-key",
+        "protect_reads": "true",
+        "allowed_hosts": json.dumps(["127.0.0.1", "*.example.org"]),
+        "trusted_origins": json.dumps(["https://app.example.org"]),
+    }
+    key = {"X-API-Key": "s3cret-key"}
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, **settings) as srv, srv.client() as c:
+        r = c.get("/healthz", headers={"Host": "rebound.attacker.test"})
+        assert r.status_code == 400 and error_of(r) == "invalid_host"
+        assert c.get("/healthz", headers={"Host": "search.example.org"}).status_code == 200
+        assert c.get("/healthz", headers={"Host": "example.org.attacker.test"}).status_code == 400
+        for path in ("/healthz", "/readyz", "/metrics"):  # orchestrators and Prometheus need no key
+            assert c.get(path).status_code == 200
+        r = c.post("/search/text", json={"query": "x"})
+        assert r.status_code == 401 and error_of(r) == "unauthorized"
+        assert c.get("/items").status_code == 401
+        assert c.post("/search/text", json={"query": "x"}, headers=key).status_code == 200
+        form = {"files": ("a.jpg", jpeg(62), "image/jpeg")}
+        trusted = {**key, "Origin": "https://app.example.org", "Sec-Fetch-Site": "cross-site"}
+        assert c.post("/items", files=form, headers=trusted).status_code == 200
+        r = c.post("/items", files=form, headers={**key, "Origin": "https://other.example.org"})
+        assert r.status_code == 403
