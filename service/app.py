@@ -20,6 +20,7 @@ from service.errors import ApiError, error_response, install_handlers, without_p
 from service.guards import check_request
 from service.modelcard import load_model_card, store_config
 from service.routes import embed, health, items, search, web
+from service.schemas import ERROR_RESPONSES
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=version,
         lifespan=lifespan,
         description="Image search by text with fine-grained (CMLI) matching.",
+        responses=ERROR_RESPONSES,
     )
     app.state.emkum = state
     install_handlers(app)

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
-from pydantic import BaseModel, Field
 
 from service.deps import AppState, get_state
 from service.errors import ApiError
@@ -16,21 +15,17 @@ from service.routes.common import (
     embed_texts,
     request_budget,
 )
+from service.schemas import ImageEmbeddings, TextEmbeddings, TextRequest
 
 router = APIRouter(tags=["embed"], route_class=Utf8FormRoute)
 
 
-class TextRequest(BaseModel):
-    texts: list[str] = Field(min_length=1)
-    tokens: bool = False
-
-
-@router.post("/embed/image")
+@router.post("/embed/image", response_model_exclude_unset=True)  # optional parts only when asked for
 async def embed_images(
     files: Annotated[list[UploadFile], File(description="one or more images")],
     patches: Annotated[bool, Query(description="also return the patch vectors")] = False,
     state: AppState = Depends(get_state),
-) -> dict:
+) -> ImageEmbeddings:
     """Embed images: the global (CLS) vector and, with `patches=true`, one vector per patch."""
     if len(files) > state.settings.max_files:
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
@@ -46,8 +41,8 @@ async def embed_images(
     return {"model": state.card["name"], "dim": state.card["dim"], "embeddings": out}
 
 
-@router.post("/embed/text")
-async def embed_text(body: TextRequest, state: AppState = Depends(get_state)) -> dict:
+@router.post("/embed/text", response_model_exclude_unset=True)  # optional parts only when asked for
+async def embed_text(body: TextRequest, state: AppState = Depends(get_state)) -> TextEmbeddings:
     """Embed texts: the global vector and, with `tokens: true`, the word vectors (CLS, SEP excluded)."""
     if len(body.texts) > state.settings.max_texts:
         raise ApiError(413, "too_many_texts", f"{len(body.texts)} texts, the limit is {state.settings.max_texts}")

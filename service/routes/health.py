@@ -4,16 +4,18 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.schemas import Health, Ready
+
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+def healthz() -> Health:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "not ready, and why"}})
 def readyz(request: Request) -> JSONResponse:
     """The model and the index are loaded (503 until then, or with the reason loading failed)."""
     state = request.app.state.emkum
@@ -35,6 +37,10 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}},
+)
 def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

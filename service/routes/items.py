@@ -14,6 +14,7 @@ from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
 from service.forms import Utf8FormRoute
 from service.routes.common import all_in_order, check_unicode, decode_upload, embed_image_list, request_budget
+from service.schemas import AddedItems, Item, ItemPage, ItemStatus
 
 router = APIRouter(tags=["items"], route_class=Utf8FormRoute)
 
@@ -69,7 +70,7 @@ async def add_items(
     ids: Annotated[list[str] | None, Form(description="one id per file (default: SHA-1 of the bytes)")] = None,
     metadata: Annotated[list[str] | None, Form(description="one JSON object per file")] = None,
     state: AppState = Depends(get_state),
-) -> dict:
+) -> AddedItems:
     """Index images. Answers only after the writes are durable; a bad file fails the whole request
     and nothing from it is written."""
     state.store.check_writable()  # a read-only data directory refuses before any work is done
@@ -124,7 +125,7 @@ def list_items(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**53)] = 0,  # SQLite integers are 64-bit
     state: AppState = Depends(get_state),
-) -> dict:
+) -> ItemPage:
     return {
         "items": state.store.list(limit, offset),
         "total": len(state.store),
@@ -134,12 +135,12 @@ def list_items(
 
 
 @router.get("/items/{item_id:path}")
-def get_item(item_id: str, state: AppState = Depends(get_state)) -> dict:
+def get_item(item_id: str, state: AppState = Depends(get_state)) -> Item:
     return state.store.get(item_id)
 
 
 @router.delete("/items/{item_id:path}", dependencies=[Depends(require_api_key)])
-async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> dict:
+async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> ItemStatus:
     state.store.check_writable()
     await run_in_threadpool(state.store.delete, item_id)
     thumb_path(state, item_id).unlink(missing_ok=True)
@@ -147,7 +148,11 @@ async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> dic
     return {"id": item_id, "status": "deleted"}
 
 
-@router.get("/thumbnails/{item_id:path}")
+@router.get(
+    "/thumbnails/{item_id:path}",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the item's JPEG thumbnail"}},
+)
 def thumbnail(item_id: str, state: AppState = Depends(get_state)) -> Response:
     state.store.get(item_id)  # 404 for unknown ids
     path = thumb_path(state, item_id)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
-from pydantic import BaseModel
 
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
@@ -15,16 +14,9 @@ from service.deps import AppState, get_state
 from service.forms import Utf8FormRoute
 from service.modelcard import rerank_defaults
 from service.routes.common import check_explain, check_k, check_text, decode_upload, embed_image, embed_texts
+from service.schemas import ImageSearchResults, TextSearch, TextSearchResults
 
 router = APIRouter(tags=["search"], route_class=Utf8FormRoute)
-
-
-class TextSearch(BaseModel):
-    query: str
-    k: int = 10
-    candidates: int | None = None  # None: the model's own (model.json rerank.candidates, chosen on val)
-    rerank: bool = True
-    explain: bool = False
 
 
 def _ms(seconds: float) -> float:
@@ -87,8 +79,8 @@ async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, 
     return results
 
 
-@router.post("/search/text")
-async def search_text(body: TextSearch, state: AppState = Depends(get_state)) -> dict:
+@router.post("/search/text", response_model_exclude_unset=True)  # optional parts only when asked for
+async def search_text(body: TextSearch, state: AppState = Depends(get_state)) -> TextSearchResults:
     """Text -> CLS ANN for `candidates` -> CMLI rerank -> top k. `explain` adds, per result, the patch
     each query word matched and its similarity over all patches."""
     start = time.perf_counter()
@@ -105,7 +97,7 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
     return {"results": results, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
 
 
-@router.post("/search/image")
+@router.post("/search/image", response_model_exclude_unset=True)  # optional parts only when asked for
 async def search_image(
     file: Annotated[UploadFile, File(description="the query image")],
     k: Annotated[int, Form()] = 10,
@@ -113,7 +105,7 @@ async def search_image(
     rerank: Annotated[bool, Form()] = True,
     explain: Annotated[bool, Form()] = False,
     state: AppState = Depends(get_state),
-) -> dict:
+) -> ImageSearchResults:
     """Image -> CLS ANN -> patch-to-patch CMLI rerank (the query's patches play the words' part)."""
     start = time.perf_counter()
     k, candidates = check_k(state, k, candidates)
