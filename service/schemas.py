@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorDetail(BaseModel):
@@ -53,16 +53,30 @@ class Ready(BaseModel):
     error: str | None = Field(None, description="why loading failed (no filesystem paths)")
 
 
+# Bounds the routes check themselves (service/routes/common.py), so that each refusal has its own
+# error code (empty_text, k_out_of_range, ...): documented in the schema, not validated twice.
+NOT_BLANK = {"minLength": 1, "pattern": r"\S"}
+AT_LEAST_ONE = {"minimum": 1}
+# JSON bodies are taken as typed: `"explain": 0` or `"k": "10"` is a 422, not quietly coerced
+STRICT = ConfigDict(strict=True)
+
+
 class TextSearch(BaseModel):
-    query: str
-    k: int = 10
-    candidates: int | None = None  # None: the model's own (model.json rerank.candidates, chosen on val)
+    model_config = STRICT
+    query: str = Field(json_schema_extra=NOT_BLANK, description="at most EMKUM_MAX_QUERY_CHARS characters")
+    k: int = Field(10, json_schema_extra=AT_LEAST_ONE, description="results; at most EMKUM_MAX_K")
+    candidates: int | None = Field(
+        None,
+        json_schema_extra=AT_LEAST_ONE,
+        description="CLS candidates to rerank; null: the model's own (model.json rerank.candidates)",
+    )
     rerank: bool = True
     explain: bool = False
 
 
 class TextRequest(BaseModel):
-    texts: list[str] = Field(min_length=1)
+    model_config = STRICT
+    texts: list[str] = Field(min_length=1, json_schema_extra={"items": {"type": "string", **NOT_BLANK}})
     tokens: bool = False
 
 

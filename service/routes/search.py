@@ -7,6 +7,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
+from pydantic import BeforeValidator
 
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
@@ -101,7 +102,8 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
 async def search_image(
     file: Annotated[UploadFile, File(description="the query image")],
     k: Annotated[int, Form()] = 10,
-    candidates: Annotated[int | None, Form()] = None,
+    # a form cannot carry JSON's null: "" or "null" mean unset, as omitting the field does
+    candidates: Annotated[int | None, BeforeValidator(lambda v: None if v in ("", "null") else v), Form()] = None,
     rerank: Annotated[bool, Form()] = True,
     explain: Annotated[bool, Form()] = False,
     state: AppState = Depends(get_state),
