@@ -91,16 +91,21 @@ def export(
     fp16_tolerance: Annotated[
         float | None, typer.Option(help="max relative error of the fp16 variant vs fp32 torch", show_default="0.005")
     ] = None,
+    int8: Annotated[bool, typer.Option(help="also write image.int8.onnx / text.int8.onnx for CPUs")] = True,
+    int8_tolerance: Annotated[
+        float | None, typer.Option(help="max relative error of the int8 variant vs fp32 torch", show_default="0.08")
+    ] = None,
 ) -> None:
     """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
     from training.export import export as run
 
     # Unset tolerances stay unset so that training/export.py's defaults are the only ones (this module
     # imports training lazily: serving must not import torch).
-    given = {"tolerance": tolerance, "fp16_tolerance": fp16_tolerance}
-    card = run(checkpoint, out_dir, name=name, fp16=fp16, **{k: v for k, v in given.items() if v is not None})
+    given = {"tolerance": tolerance, "fp16_tolerance": fp16_tolerance, "int8_tolerance": int8_tolerance}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    card = run(checkpoint, out_dir, name=name, fp16=fp16, int8=int8, **chosen)
     parity = {k: v for k, v in card["export"].items() if k.startswith("parity")}
-    typer.echo(json.dumps({"out_dir": str(out_dir), **parity}, indent=2))
+    typer.echo(json.dumps({"out_dir": str(out_dir), **parity, "cpu": card["cpu"]}, indent=2))
 
 
 @app.command("build-default")
@@ -130,7 +135,9 @@ def evaluate(
     candidates: Annotated[int, typer.Option(help="K: CLS candidates reranked with CMLI")] = 20,
     limit: Annotated[int | None, typer.Option(help="evaluate the first N images only")] = None,
     providers: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, or fp16 for the model's fp16 graphs")] = "fp32",
+    precision: Annotated[
+        str, typer.Option(help="fp32, fp16, int8, or auto: exactly the graphs `emkum serve` would run here")
+    ] = "fp32",
     json_out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
     half: Annotated[
         str, typer.Option(help="a fixed half of the split by image key: a (tune on it), b (report on it) or all")

@@ -36,19 +36,28 @@ def choose_providers(preference: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def choose_precision(card: dict, preference: str, provider: str) -> str:
-    """fp16 on CUDA when the model ships the variant ('auto'); fp16 or fp32 when named.
+def has_variant(card: dict, precision: str) -> bool:
+    return precision == "fp32" or (f"image_{precision}" in card["files"] and f"text_{precision}" in card["files"])
 
-    Asking for fp16 of a model exported without it is a configuration error, said at start-up,
+
+def choose_precision(card: dict, preference: str, provider: str) -> str:
+    """'auto': fp16 on CUDA when the model ships it; on CPU the graph the export chose (model.json
+    `cpu.precision`: the fastest on the export machine within its parity tolerance, int8 for the
+    default model). A named precision is served as asked.
+
+    Asking for a variant the model was exported without is a configuration error, said at start-up,
     rather than a silent fall back to fp32."""
-    has_fp16 = "image_fp16" in card["files"] and "text_fp16" in card["files"]
-    if preference == "fp16" and not has_fp16:
-        raise ValueError(
-            f"precision fp16 asked, but {card['name']} has no fp16 variant: re-export it with `emkum export`"
-        )
-    if preference == "auto":
-        return "fp16" if has_fp16 and provider == "CUDAExecutionProvider" else "fp32"
-    return preference
+    if preference != "auto":
+        if not has_variant(card, preference):
+            raise ValueError(
+                f"precision {preference} asked, but {card['name']} has no {preference} variant: "
+                "re-export it with `emkum export`"
+            )
+        return preference
+    if provider == "CUDAExecutionProvider":
+        return "fp16" if has_variant(card, "fp16") else "fp32"
+    chosen = card.get("cpu", {}).get("precision", "fp32")
+    return chosen if has_variant(card, chosen) else "fp32"
 
 
 def open_session(path: Path, providers: list[str], threads: int = 0, spinning: bool = False) -> ort.InferenceSession:
@@ -199,7 +208,7 @@ class Encoders:
         self.card = card
         self.providers = choose_providers(providers)
         self.precision = choose_precision(card, precision, self.providers[0])
-        suffix = "_fp16" if self.precision == "fp16" else ""
+        suffix = "" if self.precision == "fp32" else f"_{self.precision}"
         image_file, text_file = card["files"][f"image{suffix}"], card["files"][f"text{suffix}"]
         self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
         self.text_session = open_session(model_dir / text_file, self.providers, threads, spinning)

@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     trusted_origins: list[str] = []
 
     providers: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: the fp16 graphs (image.fp16.onnx, text.fp16.onnx) on CUDA when the model has them
-    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    # auto: the fp16 graphs on CUDA when the model has them; on CPU the graphs model.json's
+    # `cpu.precision` names (int8 for the default model: the fastest within its parity tolerance)
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default
     ort_spinning: bool = False  # ONNX Runtime threads busy-wait between calls (faster alone, slower beside FAISS)
 

@@ -21,6 +21,48 @@ def test_precision_choice():
     assert choose_precision(plain, "auto", "CUDAExecutionProvider") == "fp32"
     with pytest.raises(ValueError, match="no fp16 variant"):
         choose_precision(plain, "fp16", "CUDAExecutionProvider")
+    # CPU: the export's choice (model.json cpu.precision), if its files are there
+    both = {**card, "files": {**card["files"], "image_int8": "i8", "text_int8": "t8"}, "cpu": {"precision": "int8"}}
+    assert choose_precision(both, "auto", "CPUExecutionProvider") == "int8"
+    assert choose_precision(both, "auto", "CUDAExecutionProvider") == "fp16"
+    assert choose_precision(both, "fp32", "CPUExecutionProvider") == "fp32"
+    missing = {**card, "cpu": {"precision": "int8"}}  # files gone: fp32, never a missing graph
+    assert choose_precision(missing, "auto", "CPUExecutionProvider") == "fp32"
+    with pytest.raises(ValueError, match="no int8 variant"):
+        choose_precision(missing, "int8", "CPUExecutionProvider")
+
+
+def test_the_export_machine_picks_the_fastest_graph_that_passed_parity():
+    from training.quantize import choose_cpu_precision
+
+    assert choose_cpu_precision({"fp32": 10.0, "int8": 25.0}, {"fp32": True, "int8": True}) == "int8"
+    assert choose_cpu_precision({"fp32": 10.0, "int8": 25.0}, {"fp32": True, "int8": False}) == "fp32"
+    assert choose_cpu_precision({"fp32": 30.0, "int8": 25.0}, {"fp32": True, "int8": True}) == "fp32"
+
+
+def test_int8_encoders_agree_with_fp32_and_a_refused_int8_is_left_out(tiny_model_dir, tmp_path):
+    from training.export import export
+
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    assert card["files"]["image_int8"] == "image.int8.onnx" and card["cpu"]["precision"] in ("fp32", "int8")
+    assert max(card["export"]["parity_relative_error_int8"].values()) <= card["cpu"]["int8_tolerance"]
+    rng = np.random.default_rng(2)
+    pixels = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(3)]
+    out = {}
+    for precision in ("fp32", "int8"):
+        enc = Encoders(tiny_model_dir, card, providers="cpu", precision=precision)
+        try:
+            out[precision] = enc.embed_images_now(pixels)
+        finally:
+            enc.close()
+    for a, b in zip(out["fp32"], out["int8"], strict=True):
+        assert float(a.cls @ b.cls) > 0.98 and not np.array_equal(a.cls, b.cls)
+    # a tolerance no int8 graph meets: the export still succeeds, without int8, and says why
+    strict = export(tiny_model_dir.parent / "tiny.safetensors", tmp_path / "strict", fp16=False, int8_tolerance=1e-9)
+    assert "image_int8" not in strict["files"] and not (tmp_path / "strict" / "image.int8.onnx").exists()
+    assert strict["cpu"]["precision"] == "fp32" and "beyond 1e-09" in strict["cpu"]["int8_refused"]
+    with pytest.raises(ValueError, match="no int8 variant"):
+        Encoders(tmp_path / "strict", strict, providers="cpu", precision="int8")
 
 
 def test_fp16_encoders_agree_with_fp32(tiny_model_dir):

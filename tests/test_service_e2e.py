@@ -62,11 +62,11 @@ def metric_samples(client) -> dict:
     return {f.name: f for f in text_string_to_metric_families(r.text)}
 
 
-def test_health_ready_and_docs(client):
+def test_health_ready_and_docs(client, tiny_model_dir):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["provider"] == "CPUExecutionProvider"
-    assert ready["precision"] == "fp32"  # 'auto' takes the fp16 graphs on CUDA only
+    assert ready["precision"] == json.loads((tiny_model_dir / "model.json").read_text())["cpu"]["precision"]
     assert ready["model"] == "emkum-tiny"
     assert client.get("/docs").status_code == 200
     assert "/search/text" in client.get("/openapi.json").json()["paths"]

@@ -1,7 +1,9 @@
 """Export a checkpoint to the serving contract: `image.onnx`, `text.onnx`, `tokenizer.json` and
 `model.json` (see docs/model-card.md), plus an fp16 variant for GPUs (`image.fp16.onnx`,
-`text.fp16.onnx`). The export checks itself against torch on fresh random inputs and refuses to leave
-a model that disagrees.
+`text.fp16.onnx`) and an int8 variant for CPUs (`image.int8.onnx`, `text.int8.onnx`,
+training/quantize.py). The export checks itself against torch on fresh random inputs and refuses to
+leave a model that disagrees; an int8 variant that disagrees beyond its tolerance is left out, and
+`model.json` says why and which graph a CPU serves by default (the fastest that passed).
 
 The fp16 graphs are traced from a half-precision copy of the model, not converted afterwards: a
 graph-level float16 converter has to guess which casts to keep, and guessed wrong for the text graph's
@@ -24,6 +26,7 @@ from torch import nn
 from model.checkpoint import load_checkpoint
 from model.emkum import Emkum
 from model.pretrained import minilm_dir
+from training.quantize import INT8_TOLERANCE, choose_cpu_precision, cpu_name, images_per_second, quantize_int8
 
 FORMAT_VERSION = 1
 OPSET = 17
@@ -145,13 +148,15 @@ def _export_graphs(model: Emkum, folder: Path, suffix: str = "") -> None:
     )
 
 
-def model_card(model: Emkum, header: dict, name: str, parity: dict[str, dict]) -> dict:
+def model_card(model: Emkum, header: dict, name: str, parity: dict[str, dict], cpu: dict) -> dict:
     cfg = model.cfg
     extra = header.get("extra", {})
     val = extra.get("val") or {}
     files = {"image": "image.onnx", "text": "text.onnx", "tokenizer": "tokenizer.json"}
     if "fp16" in parity:
         files.update(image_fp16="image.fp16.onnx", text_fp16="text.fp16.onnx")
+    if "int8" in parity:
+        files.update(image_int8="image.int8.onnx", text_int8="text.int8.onnx")
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -192,8 +197,44 @@ def model_card(model: Emkum, header: dict, name: str, parity: dict[str, dict]) -
             "opset": OPSET,
             "parity_relative_error": parity["fp32"],
             **({"parity_relative_error_fp16": parity["fp16"]} if "fp16" in parity else {}),
+            **({"parity_relative_error_int8": parity["int8"]} if "int8" in parity else {}),
         },
+        "cpu": cpu,
     }
+
+
+VARIANTS = ("image.fp16.onnx", "text.fp16.onnx", "image.int8.onnx", "text.int8.onnx")
+
+
+def _int8_variant(model: Emkum, folder: Path, parity: dict, tolerance: float, seed: int) -> dict:
+    """Quantise the fp32 graphs to int8, check them against torch, and choose the CPU default: the
+    fastest graph on this machine among those that passed. An int8 pair beyond `tolerance` is
+    deleted and the card says why (parity["int8"] is set only when it passed)."""
+    images, texts = folder / "image.int8.onnx", folder / "text.int8.onnx"
+    quantize_int8(folder / "image.onnx", images)
+    quantize_int8(folder / "text.onnx", texts)
+    refused = None
+    try:
+        parity["int8"] = check_parity(model, images, texts, tolerance, seed)
+    except ExportMismatch as exc:
+        refused = str(exc)
+        images.unlink()
+        texts.unlink()
+    size = model.cfg.vision.image_size
+    speeds = {"fp32": images_per_second(folder / "image.onnx", size)}
+    if refused is None:
+        speeds["int8"] = images_per_second(images, size)
+    choice = choose_cpu_precision(speeds, {"fp32": True, "int8": refused is None})
+    cpu = {
+        "precision": choice,
+        "why": "the fastest image graph on the export machine's CPU among those within their parity tolerance",
+        "images_per_s_batch1": {k: round(v, 2) for k, v in speeds.items()},
+        "int8_tolerance": tolerance,
+        "measured_on": cpu_name(),
+    }
+    if refused is not None:
+        cpu["int8_refused"] = refused
+    return cpu
 
 
 def export(
@@ -205,6 +246,8 @@ def export(
     seed: int | None = None,
     fp16: bool = True,
     fp16_tolerance: float = FP16_TOLERANCE,
+    int8: bool = True,
+    int8_tolerance: float = INT8_TOLERANCE,
 ) -> dict:
     """Export and verify in a temporary folder, then move into `out_dir` only if every check passed.
 
@@ -223,11 +266,15 @@ def export(
             images, texts = folder / "image.fp16.onnx", folder / "text.fp16.onnx"
             parity["fp16"] = check_parity(model, images, texts, fp16_tolerance, check_seed)
             written += [images.name, texts.name]
+        cpu = {"precision": "fp32"}
+        if int8:
+            cpu = _int8_variant(model, folder, parity, int8_tolerance, check_seed)
+            written += [f for f in ("image.int8.onnx", "text.int8.onnx") if "int8" in parity]
         shutil.copy(tokenizer or minilm_dir() / "tokenizer.json", folder / "tokenizer.json")
-        card = model_card(model, header, name or model.cfg.name, parity)
+        card = model_card(model, header, name or model.cfg.name, parity, cpu)
         (folder / "model.json").write_text(json.dumps(card, indent=2))
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("image.fp16.onnx", "text.fp16.onnx"):  # never leave a variant model.json doesn't name
+        for stale in VARIANTS:  # never leave a variant model.json doesn't name
             (out_dir / stale).unlink(missing_ok=True)
         for f in [*written, "tokenizer.json", "model.json"]:
             shutil.move(str(folder / f), out_dir / f)
