@@ -93,7 +93,10 @@ def export(
     ] = None,
     int8: Annotated[bool, typer.Option(help="also write image.int8.onnx / text.int8.onnx for CPUs")] = True,
     int8_tolerance: Annotated[
-        float | None, typer.Option(help="max relative error of the int8 variant vs fp32 torch", show_default="0.08")
+        float | None, typer.Option(help="max relative error of the int8 image graph vs fp32 torch", show_default="0.08")
+    ] = None,
+    int8_text_tolerance: Annotated[
+        float | None, typer.Option(help="max relative error of the int8 text graph vs fp32 torch", show_default="0.25")
     ] = None,
 ) -> None:
     """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
@@ -101,7 +104,12 @@ def export(
 
     # Unset tolerances stay unset so that training/export.py's defaults are the only ones (this module
     # imports training lazily: serving must not import torch).
-    given = {"tolerance": tolerance, "fp16_tolerance": fp16_tolerance, "int8_tolerance": int8_tolerance}
+    given = {
+        "tolerance": tolerance,
+        "fp16_tolerance": fp16_tolerance,
+        "int8_tolerance": int8_tolerance,
+        "int8_text_tolerance": int8_text_tolerance,
+    }
     chosen = {k: v for k, v in given.items() if v is not None}
     card = run(checkpoint, out_dir, name=name, fp16=fp16, int8=int8, **chosen)
     parity = {k: v for k, v in card["export"].items() if k.startswith("parity")}

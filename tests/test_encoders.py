@@ -45,7 +45,8 @@ def test_int8_encoders_agree_with_fp32_and_a_refused_int8_is_left_out(tiny_model
 
     card = json.loads((tiny_model_dir / "model.json").read_text())
     assert card["files"]["image_int8"] == "image.int8.onnx" and card["cpu"]["precision"] in ("fp32", "int8")
-    assert max(card["export"]["parity_relative_error_int8"].values()) <= card["cpu"]["int8_tolerance"]
+    errors, tolerances = card["export"]["parity_relative_error_int8"], card["cpu"]["tolerances_int8"]
+    assert all(v <= tolerances[k.split(".")[0]] for k, v in errors.items())
     rng = np.random.default_rng(2)
     pixels = [rng.standard_normal((3, 32, 32)).astype(np.float32) for _ in range(3)]
     out = {}
@@ -57,10 +58,16 @@ def test_int8_encoders_agree_with_fp32_and_a_refused_int8_is_left_out(tiny_model
             enc.close()
     for a, b in zip(out["fp32"], out["int8"], strict=True):
         assert float(a.cls @ b.cls) > 0.98 and not np.array_equal(a.cls, b.cls)
-    # a tolerance no int8 graph meets: the export still succeeds, without int8, and says why
-    strict = export(tiny_model_dir.parent / "tiny.safetensors", tmp_path / "strict", fp16=False, int8_tolerance=1e-9)
+    # a tolerance only the image graph meets: the int8 variant keeps the fp32 text graph, and says why
+    ckpt = tiny_model_dir.parent / "tiny.safetensors"
+    part = export(ckpt, tmp_path / "part", fp16=False, int8_text_tolerance=1e-9)
+    assert part["files"]["image_int8"] == "image.int8.onnx" and part["files"]["text_int8"] == "text.onnx"
+    assert "beyond 1e-09" in part["cpu"]["int8_refused"]["text"] and "image" not in part["cpu"]["int8_refused"]
+    assert not (tmp_path / "part" / "text.int8.onnx").exists()
+    # a tolerance no int8 graph meets: the export still succeeds, without an int8 variant
+    strict = export(ckpt, tmp_path / "strict", fp16=False, int8_tolerance=1e-9, int8_text_tolerance=1e-9)
     assert "image_int8" not in strict["files"] and not (tmp_path / "strict" / "image.int8.onnx").exists()
-    assert strict["cpu"]["precision"] == "fp32" and "beyond 1e-09" in strict["cpu"]["int8_refused"]
+    assert strict["cpu"]["precision"] == "fp32" and set(strict["cpu"]["int8_refused"]) == {"image", "text"}
     with pytest.raises(ValueError, match="no int8 variant"):
         Encoders(tmp_path / "strict", strict, providers="cpu", precision="int8")
 

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-INT8_TOLERANCE = 0.08  # relative error vs fp32 torch; the default model measures ~0.03 (cosine ~0.9995)
+# relative error vs fp32 torch on the export's random inputs. Image: the default model measures ~0.03
+# (cosine 0.9995). Text: ~0.2 on random token ids, 0.11 on real captions (cosine 0.994): looser, and
+# the ranking it gives is what `emkum eval --precision int8` measures (docs/evidence.md)
+INT8_TOLERANCE = 0.08
+INT8_TEXT_TOLERANCE = 0.25
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -40,6 +44,23 @@ def images_per_second(graph: Path, image_size: int, batch: int = 1, repeats: int
         session.run(None, {"pixels": x})
         times.append(time.perf_counter() - start)
     return batch / float(np.median(times))
+
+
+def query_seconds(graph: Path, length: int, repeats: int = 20) -> float:
+    """Median seconds of one text query of `length` tokens through `graph` on this machine's CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    feed = {"ids": np.full((1, length), 1000, dtype=np.int64), "mask": np.ones((1, length), dtype=np.int64)}
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def cpu_name() -> str:
