@@ -80,11 +80,12 @@ class FineGrainedHead(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(x)
         y = self.proj(x)
-        if self.context is not None:
-            b, n, d = y.shape
+        if self.context is not None:  # [..., N, D] patches of square grids (one image: [N, D])
+            n, d = y.shape[-2:]
             side = math.isqrt(n)
-            grid = y.transpose(1, 2).reshape(b, d, side, side)
-            y = y + self.context(grid).reshape(b, d, n).transpose(1, 2)
+            flat = y.reshape(-1, n, d)
+            grid = flat.transpose(1, 2).reshape(-1, d, side, side)
+            y = y + self.context(grid).reshape(-1, d, n).transpose(1, 2).reshape(y.shape)
         return F.normalize(y, dim=-1)
 
 

@@ -301,6 +301,7 @@ def test_the_context_head_starts_as_the_plain_head_and_reaches_only_its_neighbou
     assert torch.allclose(plain(x), ctx(x))
     torch.nn.init.normal_(ctx.context.weight)
     before = ctx(x)
+    torch.testing.assert_close(ctx(x[1]), before[1])  # one image's [N, D] patches alone
     bumped = x.clone()
     bumped[:, 5] = torch.randn(2, 8)  # grid cell (1, 1)
     changed = (ctx(bumped) - before).abs().sum(-1).amax(0) > 1e-6
