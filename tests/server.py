@@ -108,12 +108,16 @@ def read_only_view(data: Path) -> tuple[list[str] | None, Callable[[], object]]:
     return None, lambda: [p.chmod(mode) for p, mode in modes.items()]
 
 
-def small_disk_view(data: Path, size: str) -> list[str]:
-    """Command prefix that gives a child process `data` as a fresh tmpfs of `size` (for example
-    "3m") in its own mount namespace: a disk that really fills (ENOSPC), unlike a file-size limit.
-    Needs root (CI runs as root); the contents go when the child exits."""
+@contextlib.contextmanager
+def small_disk(data: Path, size: str) -> Iterator[Path]:
+    """`data` as a fresh tmpfs of `size` (for example "2m") while the block runs: a disk that really
+    fills (ENOSPC), unlike a file-size limit, and that outlives a server so it can be served again.
+    Needs root (CI runs as root)."""
     if os.geteuid() != 0:
-        raise PermissionError("a private tmpfs needs root")
+        raise PermissionError("mounting a tmpfs needs root")
     data.mkdir(parents=True, exist_ok=True)
-    mount = f'mount -t tmpfs -o size={size} tmpfs {data} && exec "$@"'
-    return ["unshare", "--mount", "sh", "-c", mount, "sh"]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(data)], check=True)
+    try:
+        yield data
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

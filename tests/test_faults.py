@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.images import jpeg
-from tests.server import read_only_view, running_server, small_disk_view
+from tests.server import read_only_view, running_server, small_disk
 
 pytestmark = pytest.mark.e2e
 
@@ -66,11 +66,13 @@ def test_full_disk_refuses_writes_and_keeps_serving(tiny_model_dir, tmp_path):
 def test_on_a_really_full_disk_delete_still_frees_space(tiny_model_dir, tmp_path):
     """Issue #15 defect 6: on a full disk DELETE answered 507 too (SQLite needs WAL room to delete),
     so space could not be freed through the API. A real ENOSPC here: the data directory is a 2 MB
-    tmpfs in the server's own mount namespace (CI runs as root)."""
-    data = tmp_path / "d"
-    wrap = small_disk_view(data, "2m")
+    tmpfs (CI runs as root)."""
     settings = {"snapshot_every": 1_000_000, "disk_reserve_bytes": 256 * 1024}
-    with running_server(tiny_model_dir, data, tmp_path, wrap=wrap, quiet=True, **settings) as srv, srv.client() as c:
+    with (
+        small_disk(tmp_path / "d", "2m") as data,
+        running_server(tiny_model_dir, data, tmp_path, quiet=True, **settings) as srv,
+        srv.client() as c,
+    ):
         acked, refused = [], None
         for i in range(5000):
             r = c.post("/items", files=[("files", (f"{i}.jpg", jpeg(i, 64), "image/jpeg"))], data={"ids": [f"i{i}"]})
