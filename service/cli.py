@@ -96,7 +96,7 @@ def export(
         float | None, typer.Option(help="max relative error of the int8 image graph vs fp32 torch", show_default="0.08")
     ] = None,
     int8_text_tolerance: Annotated[
-        float | None, typer.Option(help="max relative error of the int8 text graph vs fp32 torch", show_default="0.25")
+        float | None, typer.Option(help="max relative error of the int8 text graph vs fp32 torch", show_default="0.15")
     ] = None,
 ) -> None:
     """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
