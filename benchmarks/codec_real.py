@@ -22,11 +22,11 @@ from benchmarks.machine import describe, record  # noqa: E402
 from index import VectorStore  # noqa: E402
 from index.cmli import rerank_cmli  # noqa: E402
 from index.store import ItemInput  # noqa: E402
-from service.encoders import Encoders  # noqa: E402
-from service.modelcard import load_model_card, store_config  # noqa: E402
-from service.tokenizer import TextTokenizer  # noqa: E402
-from training.data import decode_square, read_karpathy  # noqa: E402
-from training.eval_exported import preprocess_array  # noqa: E402
+from runtime.encoders import Encoders  # noqa: E402
+from runtime.images import decode_square, normalize  # noqa: E402
+from runtime.modelcard import load_model_card, store_config  # noqa: E402
+from runtime.tokenizer import TextTokenizer  # noqa: E402
+from training.data import read_karpathy  # noqa: E402
 from training.metrics import t2i_recall  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -60,7 +60,7 @@ def main() -> None:
     spec = card["image"]
     images = []
     for s in tqdm(range(0, len(pairs), 32), desc="embed images"):
-        px = [preprocess_array(decode_square(p.read(), spec["size"]), spec) for p in pairs[s : s + 32]]
+        px = [normalize(decode_square(p.read(), spec["size"]), spec["mean"], spec["std"]) for p in pairs[s : s + 32]]
         images.extend(enc.embed_images_now(px))
     queries = enc.embed_tokens_now(tok([p.captions[0] for p in pairs]).rows())
     enc.close()

@@ -13,7 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
-from service.images import decode_image, preprocess  # noqa: E402
+from runtime.images import decode_image, preprocess  # noqa: E402
 from training.data import read_karpathy  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe, write_report  # noqa: E402
 from index import VectorStore  # noqa: E402
 from index.store import ItemInput  # noqa: E402
-from service.modelcard import load_model_card, store_config  # noqa: E402
+from runtime.modelcard import load_model_card, store_config  # noqa: E402
 from tests.server import running_server  # noqa: E402
 
 WORDS = ["dog", "man", "woman", "child", "beach", "snow", "red", "bike", "water", "street", "grass", "ball"]

@@ -12,17 +12,17 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 
 from index import VectorStore, one_thread_per_search
+from runtime.modelcard import load_model_card, store_config
+from runtime.tokenizer import TextTokenizer
 from service import metrics
+from service.batching import BatchedEncoders
 from service.deadline import mark_arrival
 from service.deps import AppState, available_cores
-from service.encoders import Encoders
 from service.errors import ApiError, error_response, install_handlers, without_paths
 from service.guards import check_request
-from service.modelcard import load_model_card, store_config
 from service.routes import embed, health, items, search, web
 from service.schemas import ERROR_RESPONSES
 from service.settings import Settings
-from service.tokenizer import TextTokenizer
 
 log = logging.getLogger("emkum")
 
@@ -30,7 +30,7 @@ log = logging.getLogger("emkum")
 def load_state(state: AppState) -> None:
     s = state.settings
     card = load_model_card(s.model_dir)
-    encoders = Encoders(
+    encoders = BatchedEncoders(
         s.model_dir,
         card,
         s.providers,

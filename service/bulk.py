@@ -18,8 +18,10 @@ import numpy as np
 
 from index import VectorStore
 from index.store import ItemInput
-from service.images import decode_image_file, find_images, preprocess
-from service.modelcard import load_model_card, store_config
+from runtime.errors import InputError
+from runtime.images import find_images
+from runtime.ingest import prepare_image
+from runtime.modelcard import load_model_card, store_config
 
 
 def shard_of(item_id: str, shards: int) -> int:
@@ -27,15 +29,17 @@ def shard_of(item_id: str, shards: int) -> int:
 
 
 def _decode_batch(batch: dict, spec: dict, max_bytes: int, max_pixels: int) -> dict:
-    """Decode and preprocess; a bad file keeps its row with an `error` (columns stay aligned)."""
+    """runtime/ingest.py's `prepare_image` on each file; a bad file keeps its row with an `error`
+    (columns stay aligned)."""
     size = spec["size"]
     pixels = np.zeros((len(batch["id"]), 3, size, size), np.float32)
     errors = []
     for i, path in enumerate(batch["path"]):
-        im, error = decode_image_file(Path(path), max_bytes, max_pixels)
-        errors.append(error or "")
-        if im is not None:
-            pixels[i] = preprocess(im, size, spec["mean"], spec["std"])
+        try:
+            pixels[i] = prepare_image(Path(path).read_bytes(), Path(path).name, spec, max_bytes, max_pixels).pixels
+            errors.append("")
+        except (InputError, OSError) as exc:
+            errors.append(f"{path}: {exc}")
     return {"id": batch["id"], "pixels": pixels, "error": np.array(errors, dtype=object)}
 
 
@@ -43,7 +47,7 @@ class _Encoder:
     """A Ray actor holding one ONNX Runtime session of the image graph."""
 
     def __init__(self, model_dir: str, providers: str) -> None:
-        from service.encoders import Encoders
+        from runtime.encoders import Encoders
 
         card = load_model_card(Path(model_dir))
         self.dim, self.patches = card["dim"], card["image"]["num_patches"]

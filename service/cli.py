@@ -208,10 +208,11 @@ def index_folder(
     from tqdm import tqdm
 
     from index.store import ItemInput
+    from runtime.errors import InputError
+    from runtime.images import find_images
+    from runtime.ingest import commit, prepare_image
     from service.app import load_state
     from service.deps import AppState
-    from service.images import decode_image_file, find_images, preprocess, thumbnail_jpeg
-    from service.routes.items import thumb_path
 
     settings = _settings(model_dir=model_dir, data_dir=data_dir)
     state = AppState(settings=settings)
@@ -223,26 +224,19 @@ def index_folder(
     added = 0
     with tqdm(total=len(todo), desc="indexing", unit="img") as bar:
         for s in range(0, len(todo), batch):
-            ok = []
+            ids, ok = [], []
             for path in todo[s : s + batch]:
-                im, error = decode_image_file(path, settings.max_image_bytes, settings.max_image_pixels)
-                if im is None:
-                    bad.append(error)
-                    continue
-                ok.append(
-                    (
-                        str(path.relative_to(folder)),
-                        im,
-                        preprocess(im, spec["size"], spec["mean"], spec["std"]),
-                    )
-                )
+                try:
+                    data = path.read_bytes()
+                    limits = (settings.max_image_bytes, settings.max_image_pixels)
+                    ok.append(prepare_image(data, path.name, spec, *limits, thumbnail_size=settings.thumbnail_size))
+                    ids.append(str(path.relative_to(folder)))
+                except (InputError, OSError) as exc:
+                    bad.append(f"{path}: {exc}")
             if ok:
-                embs = state.encoders.embed_images_now([x[2] for x in ok])
-                for (item_id, im, _), _e in zip(ok, embs, strict=True):
-                    thumb_path(state, item_id).write_bytes(thumbnail_jpeg(im, settings.thumbnail_size))
-                state.store.add(
-                    [ItemInput(i, e.cls, e.patches, {"filename": i}) for (i, _, _), e in zip(ok, embs, strict=True)]
-                )
+                embs = state.encoders.embed_images_now([p.pixels for p in ok])
+                items = [ItemInput(i, e.cls, e.patches, {"filename": i}) for i, e in zip(ids, embs, strict=True)]
+                commit(state.store, items, [p.thumbnail for p in ok], state.thumbs)
                 added += len(ok)
             bar.update(len(todo[s : s + batch]))
     state.encoders.close()
@@ -260,9 +254,9 @@ def search(
     data_dir: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """Search the index from the command line (no server needed)."""
+    from runtime.modelcard import rerank_defaults
     from service.app import load_state
     from service.deps import AppState
-    from service.modelcard import rerank_defaults
 
     state = AppState(settings=_settings(model_dir=model_dir, data_dir=data_dir))
     load_state(state)

@@ -12,12 +12,12 @@ from typing import Any
 from fastapi import Header, Request
 
 from index import VectorStore
+from runtime.tokenizer import TextTokenizer
+from service.batching import BatchedEncoders, QueueFull
 from service.deadline import Shed, overloaded, remaining
-from service.encoders import Encoders, QueueFull
 from service.errors import ApiError
 from service.guards import key_matches
 from service.settings import Settings
-from service.tokenizer import TextTokenizer
 
 
 def available_cores() -> int:
@@ -32,7 +32,7 @@ def available_cores() -> int:
 class AppState:
     settings: Settings
     card: dict[str, Any] | None = None
-    encoders: Encoders | None = None
+    encoders: BatchedEncoders | None = None
     store: VectorStore | None = None
     tokenizer: TextTokenizer | None = None
     thumbs: Path | None = None

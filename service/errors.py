@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from index import DuplicateItem, ReadOnlyStore, UnknownItem
+from runtime.errors import InputError
 from service import metrics
 
 
@@ -46,7 +47,22 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+# the HTTP status of each runtime InputError code (runtime/images.py)
+INPUT_STATUS = {
+    "empty_file": 400,
+    "invalid_image": 400,
+    "image_too_large": 413,
+    "too_many_pixels": 413,
+    "request_too_many_pixels": 413,
+    "unsupported_format": 415,
+}
+
+
 def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InputError)
+    async def _input(_: Request, exc: InputError) -> JSONResponse:
+        return error_response(INPUT_STATUS.get(exc.code, 422), exc.code, exc.message)
+
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)

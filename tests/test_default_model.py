@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.encoders import Encoders
+from runtime.images import preprocess
+from runtime.tokenizer import TextTokenizer
 from service.cli import demo_images
-from service.encoders import Encoders
-from service.images import preprocess
-from service.tokenizer import TextTokenizer
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from service.encoders import Encoders, choose_precision
+from runtime.encoders import Encoders, choose_precision
 
 
 def test_precision_choice():
@@ -101,7 +101,7 @@ def test_batcher_waits_for_company_only_when_there_is_some(company):
     import threading
     import time
 
-    from service.encoders import MicroBatcher
+    from service.batching import MicroBatcher
 
     batches: list[list[str]] = []
     started = threading.Event()
@@ -128,8 +128,8 @@ def test_batcher_sheds_inputs_that_waited_past_the_bound_and_then_refuses_at_onc
     """Issue #15 defect 7: the queue only refused when full, so latency grew without limit."""
     import threading
 
+    from service.batching import MicroBatcher
     from service.deadline import Shed
-    from service.encoders import MicroBatcher
 
     release = threading.Event()
 

@@ -147,7 +147,7 @@ def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8):
     concept i % 4 in all its 16 patches, its captions name it ("a dog"), text features carry the
     concept in another (rotated) basis, and each 2x2 collage holds four different concepts."""
     from model.pretrained import minilm_dir
-    from service.tokenizer import TextTokenizer
+    from runtime.tokenizer import TextTokenizer
 
     folder.mkdir(parents=True)
     concept = np.arange(n_images) % 4

@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from runtime.errors import InputError
+from runtime.images import decode_image
 from service.app import create_app
-from service.errors import ApiError
-from service.images import decode_image
+from service.errors import INPUT_STATUS
 from service.settings import Settings
 from tests.images import encode, photo
 from tests.server import running_server
@@ -62,8 +63,8 @@ def test_decoder_survives_corrupted_files(base, cuts, truncate):
     data = bytes(data[: max(1, truncate % (len(data) + 1))])
     try:
         im = decode_image(data, "fuzz", max_bytes=1_000_000, max_pixels=4_000_000)
-    except ApiError as exc:
-        assert 400 <= exc.status < 500 and exc.code in {
+    except InputError as exc:
+        assert 400 <= INPUT_STATUS[exc.code] < 500 and exc.code in {
             "invalid_image",
             "unsupported_format",
             "too_many_pixels",
@@ -77,9 +78,9 @@ def test_decoder_survives_corrupted_files(base, cuts, truncate):
 def test_decompression_bomb_is_refused_before_decoding():
     from tests.images import bomb_png
 
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(InputError) as err:
         decode_image(bomb_png(20000), "bomb.png", max_bytes=10_000_000, max_pixels=50_000_000)
-    assert err.value.status == 413 and err.value.code == "too_many_pixels"
+    assert INPUT_STATUS[err.value.code] == 413 and err.value.code == "too_many_pixels"
 
 
 def test_exif_orientation_is_applied():

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_minilm_weights_and_tokenizer_match_the_package():
     from transformers import AutoTokenizer, BertModel
 
-    from service.tokenizer import TextTokenizer
+    from runtime.tokenizer import TextTokenizer
 
     cfg = load_config("emkum-s14-minilm")
     ours = TextTransformer(cfg.text).eval()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import tarfile
 from collections import defaultdict
@@ -16,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
+
+from runtime.images import decode_square
 
 
 @dataclass
@@ -124,20 +124,11 @@ def read_spec(spec: str) -> list[Pair]:
     raise ValueError(f"unknown data spec {spec!r}: use karpathy:JSON:IMAGES:SPLIT, csv:FILE or wds:GLOB")
 
 
-def decode_square(data: bytes, size: int) -> np.ndarray:
-    """Decode to RGB and resize to size x size (the eval transform: a plain resize, as the thesis)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
-
-
 def load_images(pairs: list[Pair], size: int, desc: str = "decode") -> np.ndarray:
     """Decode every image once into a uint8 [N, size, size, 3] array (7k Flickr8k images: 1 GB)."""
     out = np.empty((len(pairs), size, size, 3), dtype=np.uint8)
     for i, pair in enumerate(tqdm(pairs, desc=desc, unit="img", leave=False)):
-        out[i] = decode_square(pair.read(), size)
+        out[i] = decode_square(pair.read(), size, pair.key)
     return out
 
 

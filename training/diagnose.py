@@ -19,7 +19,7 @@ from model.checkpoint import load_checkpoint
 from model.emkum import IMAGE_TYPE, TEXT_TYPE, Emkum
 from model.layers import key_padding_bias
 from model.pretrained import minilm_dir
-from service.tokenizer import TextTokenizer
+from runtime.tokenizer import TextTokenizer
 from training.augment import normalize
 from training.collage import collage_groups, make_collage, patch_cells
 from training.data import load_images, read_spec, select_half

@@ -23,12 +23,12 @@ from tqdm import tqdm
 from index import VectorStore
 from index.cmli import rerank_cmli
 from index.store import ItemInput
-from service.encoders import Encoders
-from service.images import preprocess
-from service.modelcard import load_model_card, rerank_defaults, store_config
-from service.tokenizer import TextTokenizer
+from runtime.encoders import Encoders
+from runtime.images import decode_square, normalize
+from runtime.modelcard import load_model_card, rerank_defaults, store_config
+from runtime.tokenizer import TextTokenizer
 from training.collage import collage_groups, make_collage, patch_cells
-from training.data import decode_square, read_spec, select_half
+from training.data import read_spec, select_half
 from training.metrics import i2t_recall, summarise, t2i_recall
 from training.pointing import PointingTally
 from training.swaps import KINDS, make_swaps
@@ -46,16 +46,16 @@ def evaluate_exported(
     fine_grained: bool = True,
 ) -> dict:
     card = load_model_card(model_dir)
-    encoders = Encoders(model_dir, card, providers=providers, precision=precision, max_batch=batch)
+    encoders = Encoders(model_dir, card, providers=providers, precision=precision)
     tokenizer = TextTokenizer(model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
     pairs = select_half(read_spec(data_spec), half)[:limit]
     spec = card["image"]
     images, texts, owner, arrays = [], [], [], []
     for s in tqdm(range(0, len(pairs), batch), desc="embed images", unit="batch"):
         chunk = pairs[s : s + batch]
-        decoded = [decode_square(p.read(), spec["size"]) for p in chunk]
+        decoded = [decode_square(p.read(), spec["size"], p.key) for p in chunk]
         arrays.extend(decoded)
-        images.extend(encoders.embed_images_now([preprocess_array(a, spec) for a in decoded]))
+        images.extend(encoders.embed_images_now([normalize(a, spec["mean"], spec["std"]) for a in decoded]))
         for i, p in enumerate(chunk):
             texts.extend(p.captions)
             owner.extend([s + i] * len(p.captions))
@@ -127,7 +127,7 @@ def collage_pointing(
     collages = [make_collage([arrays[i] for i in grp], spec["size"]) for grp in groups]
     store = VectorStore(folder, store_config(card, use_gpu=False))
     for s in range(0, len(collages), 32):
-        embs = encoders.embed_images_now([preprocess_array(c, spec) for c in collages[s : s + 32]])
+        embs = encoders.embed_images_now([normalize(c, spec["mean"], spec["std"]) for c in collages[s : s + 32]])
         store.add([ItemInput(str(s + j), e.cls, e.patches) for j, e in enumerate(embs)])
     if not store.codec.is_trained:  # score on the codec's codes, as a larger collection would be
         with contextlib.suppress(ValueError):  # too few vectors for this codec: they stay fp16
@@ -177,9 +177,3 @@ def fine_grained_choice(
         for kind, w in wins.items()
         if w["cls"]
     }
-
-
-def preprocess_array(arr: np.ndarray, spec: dict) -> np.ndarray:
-    from PIL import Image
-
-    return preprocess(Image.fromarray(arr), spec["size"], spec["mean"], spec["std"])

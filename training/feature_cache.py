@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from model.emkum import Emkum
-from service.tokenizer import TextTokenizer
+from runtime.tokenizer import TextTokenizer
 from training.augment import normalize
 from training.collage import collage_groups, make_collage
 from training.data import Pair, load_images

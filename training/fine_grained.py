@@ -335,7 +335,7 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
     this split) and collage pointing, all on cached features: the quick loop for choosing a recipe.
     The numbers to report come from `emkum eval` through the exported graphs."""
     from model.pretrained import minilm_dir
-    from service.tokenizer import TextTokenizer
+    from runtime.tokenizer import TextTokenizer
     from training.pointing import PointingTally
 
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json")
@@ -429,7 +429,7 @@ def run(cfg: FineGrainedRun) -> dict:
 
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.pretrained import minilm_dir
-    from service.tokenizer import TextTokenizer
+    from runtime.tokenizer import TextTokenizer
     from training.data import read_spec, select_half
     from training.feature_cache import cache_split
 

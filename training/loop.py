@@ -20,7 +20,7 @@ from model.checkpoint import InitRecipe, build_model, save_checkpoint
 from model.config import load_config
 from model.emkum import Emkum
 from model.pretrained import minilm_dir
-from service.tokenizer import TextTokenizer
+from runtime.tokenizer import TextTokenizer
 from training.augment import normalize, random_resized_crop_flip
 from training.config import TrainConfig
 from training.data import load_images, read_spec

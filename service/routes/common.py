@@ -11,12 +11,13 @@ import numpy as np
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from runtime.encoders import ImageEmbedding, TextEmbedding
+from runtime.images import PixelBudget
+from runtime.ingest import PreparedImage, prepare_image
+from runtime.modelcard import rerank_defaults
 from service import metrics
 from service.deps import AppState, run_encoder
-from service.encoders import ImageEmbedding, TextEmbedding
 from service.errors import ApiError
-from service.images import PixelBudget, decode_image, preprocess, thumbnail_jpeg
-from service.modelcard import rerank_defaults
 
 T = TypeVar("T")
 
@@ -31,22 +32,26 @@ async def read_upload(state: AppState, upload: UploadFile) -> bytes:
 
 async def decode_upload(
     state: AppState, upload: UploadFile, thumbnail_size: int | None = None, budget: PixelBudget | None = None
-) -> tuple[bytes, bytes | None, np.ndarray]:
-    """(bytes, thumbnail JPEG or None, model input) for one uploaded file; 4xx on anything wrong with
-    it. At most one decode per core runs at once (`state.decode_slots`), and the full-size image is
-    dropped before the slot is given back: a request of 64 large files must not hold 64 of them."""
+) -> PreparedImage:
+    """One uploaded file through runtime/ingest.py's `prepare_image`; 4xx on anything wrong with it.
+    At most one decode per core runs at once (`state.decode_slots`): a request of 64 large files
+    must not hold 64 decoded full-size images."""
     data = await read_upload(state, upload)
     s = state.settings
     async with state.decode_slots:
         start = time.perf_counter()
-        image = await run_in_threadpool(
-            decode_image, data, upload.filename or "upload", s.max_image_bytes, s.max_image_pixels, budget
+        prepared = await run_in_threadpool(
+            prepare_image,
+            data,
+            upload.filename or "upload",
+            state.card["image"],
+            s.max_image_bytes,
+            s.max_image_pixels,
+            budget,
+            thumbnail_size,
         )
-        spec = state.card["image"]
-        pixels = await run_in_threadpool(preprocess, image, spec["size"], spec["mean"], spec["std"])
         metrics.STAGE_LATENCY.labels("decode").observe(time.perf_counter() - start)
-        thumb = await run_in_threadpool(thumbnail_jpeg, image, thumbnail_size) if thumbnail_size else None
-    return data, thumb, pixels
+    return prepared
 
 
 async def embed_image(state: AppState, pixels: np.ndarray) -> ImageEmbedding:

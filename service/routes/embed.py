@@ -31,7 +31,7 @@ async def embed_images(
         raise ApiError(413, "too_many_files", f"{len(files)} files, the limit is {state.settings.max_files}")
     budget = request_budget(state)
     decoded = await all_in_order([decode_upload(state, upload, None, budget) for upload in files])
-    embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
+    embeddings = await embed_image_list(state, [p.pixels for p in decoded])
     out = []
     for emb in embeddings:
         item = {"cls": emb.cls.tolist()}

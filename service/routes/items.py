@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Annotated
 
@@ -9,6 +8,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from index.store import ItemInput
+from runtime.ingest import commit, default_id, remove, thumb_path
 from service import metrics
 from service.deps import AppState, get_state, require_api_key
 from service.errors import ApiError
@@ -17,10 +17,6 @@ from service.routes.common import all_in_order, check_unicode, decode_upload, em
 from service.schemas import AddedItems, Item, ItemPage, ItemStatus
 
 router = APIRouter(tags=["items"], route_class=Utf8FormRoute)
-
-
-def thumb_path(state: AppState, item_id: str):
-    return state.thumbs / f"{hashlib.sha1(item_id.encode()).hexdigest()}.jpg"
 
 
 MAX_METADATA_DEPTH = 32
@@ -97,27 +93,15 @@ async def add_items(
     size = state.settings.thumbnail_size
     budget = request_budget(state)
     decoded = await all_in_order([decode_upload(state, upload, size, budget) for upload in files])
-    embeddings = await embed_image_list(state, [pixels for _, _, pixels in decoded])
-    items = []
-    for i, ((data, _, _), emb) in enumerate(zip(decoded, embeddings, strict=True)):
-        item_id = ids[i] if ids else hashlib.sha1(data).hexdigest()
-        items.append(ItemInput(item_id, emb.cls, emb.patches, metas[i]))
-    statuses = await run_in_threadpool(state.store.add, items)
-    # Thumbnails follow the durable write, so a refused write leaves none behind; a crash between the
-    # two loses only a thumbnail (the page shows none; the item is searchable).
-    for it, (_, thumb, _) in zip(items, decoded, strict=True):
-        await run_in_threadpool(_write_thumb, thumb_path(state, it.id), thumb)
+    embeddings = await embed_image_list(state, [p.pixels for p in decoded])
+    items = [
+        ItemInput(ids[i] if ids else default_id(p.data), emb.cls, emb.patches, metas[i])
+        for i, (p, emb) in enumerate(zip(decoded, embeddings, strict=True))
+    ]
+    thumbs = [p.thumbnail for p in decoded]
+    statuses = await run_in_threadpool(commit, state.store, items, thumbs, state.thumbs)
     metrics.ITEMS.set(len(state.store))
     return {"items": [{"id": it.id, "status": st} for it, st in zip(items, statuses, strict=True)]}
-
-
-def _write_thumb(path, data: bytes) -> None:
-    try:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    except OSError:
-        pass  # a thumbnail is a convenience for the web page; the index write decides success
 
 
 @router.get("/items")
@@ -142,8 +126,7 @@ def get_item(item_id: str, state: AppState = Depends(get_state)) -> Item:
 @router.delete("/items/{item_id:path}", dependencies=[Depends(require_api_key)])
 async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> ItemStatus:
     state.store.check_writable()
-    await run_in_threadpool(state.store.delete, item_id)
-    thumb_path(state, item_id).unlink(missing_ok=True)
+    await run_in_threadpool(remove, state.store, item_id, state.thumbs)
     metrics.ITEMS.set(len(state.store))
     return {"id": item_id, "status": "deleted"}
 
@@ -155,7 +138,7 @@ async def delete_item(item_id: str, state: AppState = Depends(get_state)) -> Ite
 )
 def thumbnail(item_id: str, state: AppState = Depends(get_state)) -> Response:
     state.store.get(item_id)  # 404 for unknown ids
-    path = thumb_path(state, item_id)
+    path = thumb_path(state.thumbs, item_id)
     if not path.is_file():
         raise ApiError(404, "no_thumbnail", f"no thumbnail stored for {item_id!r}")
     return Response(path.read_bytes(), media_type="image/jpeg")

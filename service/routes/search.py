@@ -9,11 +9,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BeforeValidator
 
+from runtime.modelcard import rerank_defaults
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
 from service.deps import AppState, get_state
 from service.forms import Utf8FormRoute
-from service.modelcard import rerank_defaults
 from service.routes.common import check_explain, check_k, check_text, decode_upload, embed_image, embed_texts
 from service.schemas import ImageSearchResults, TextSearch, TextSearchResults
 
@@ -112,7 +112,7 @@ async def search_image(
     start = time.perf_counter()
     k, candidates = check_k(state, k, candidates)
     timings: dict[str, float] = {}
-    _, _, pixels = await decode_upload(state, file)
+    pixels = (await decode_upload(state, file)).pixels
     t0 = time.perf_counter()
     emb = await embed_image(state, pixels)
     timings["encode"] = _ms(time.perf_counter() - t0)

@@ -1,4 +1,4 @@
-"""ONNX Runtime encoders behind dynamic micro-batchers.
+"""Dynamic micro-batching in front of the runtime's encoders.
 
 Concurrent requests put their inputs on a bounded queue; one worker thread per encoder takes up to
 `max_batch` inputs, waiting at most `max_wait_ms` for more after the first, runs one batched
@@ -17,58 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
-
+from runtime.encoders import Encoders
 from service import metrics
 from service.deadline import Shed
 
 
 class QueueFull(Exception):
     pass
-
-
-def choose_providers(preference: str) -> list[str]:
-    """CUDA when asked for (or 'auto') and this onnxruntime build has it; CPU otherwise."""
-    available = ort.get_available_providers()
-    if preference in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def has_variant(card: dict, precision: str) -> bool:
-    return precision == "fp32" or (f"image_{precision}" in card["files"] and f"text_{precision}" in card["files"])
-
-
-def choose_precision(card: dict, preference: str, provider: str) -> str:
-    """'auto': fp16 on CUDA when the model ships it; on CPU the graph the export chose (model.json
-    `cpu.precision`: the fastest on the export machine within its parity tolerance, int8 for the
-    default model). A named precision is served as asked.
-
-    Asking for a variant the model was exported without is a configuration error, said at start-up,
-    rather than a silent fall back to fp32."""
-    if preference != "auto":
-        if not has_variant(card, preference):
-            raise ValueError(
-                f"precision {preference} asked, but {card['name']} has no {preference} variant: "
-                "re-export it with `emkum export`"
-            )
-        return preference
-    if provider == "CUDAExecutionProvider":
-        return "fp16" if has_variant(card, "fp16") else "fp32"
-    chosen = card.get("cpu", {}).get("precision", "fp32")
-    return chosen if has_variant(card, chosen) else "fp32"
-
-
-def open_session(path: Path, providers: list[str], threads: int = 0, spinning: bool = False) -> ort.InferenceSession:
-    """An ONNX Runtime session. Spinning is off by default: the service runs FAISS and numpy on the
-    same cores between encoder calls, and ONNX Runtime's threads spinning for work steal their time."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 @dataclass
@@ -175,21 +130,8 @@ class MicroBatcher:
         self.thread.join(timeout=5)
 
 
-@dataclass
-class ImageEmbedding:
-    cls: np.ndarray  # [P]
-    patches: np.ndarray  # [N, P]
-
-
-@dataclass
-class TextEmbedding:
-    cls: np.ndarray  # [P]
-    tokens: np.ndarray  # [L, P]
-    mask: np.ndarray  # [L] 1 for words (not CLS, SEP or padding)
-
-
-class Encoders:
-    """The image and text graphs of one exported model, each behind its micro-batcher."""
+class BatchedEncoders(Encoders):
+    """The encoders with a micro-batcher in front of each graph (`.image`, `.text`)."""
 
     def __init__(
         self,
@@ -205,42 +147,10 @@ class Encoders:
         company: Callable[[], bool] | None = None,
         max_queue_wait_ms: float = float("inf"),
     ) -> None:
-        self.card = card
-        self.providers = choose_providers(providers)
-        self.precision = choose_precision(card, precision, self.providers[0])
-        suffix = "" if self.precision == "fp32" else f"_{self.precision}"
-        image_file, text_file = card["files"][f"image{suffix}"], card["files"][f"text{suffix}"]
-        self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
-        self.text_session = open_session(model_dir / text_file, self.providers, threads, spinning)
-        self.provider = self.image_session.get_providers()[0]
+        super().__init__(model_dir, card, providers, precision, threads, spinning)
         bounds = (max_batch, max_wait_ms, queue_size, company, max_queue_wait_ms)
-        self.image = MicroBatcher("image", self._run_images, *bounds)
-        self.text = MicroBatcher("text", self._run_texts, *bounds)
-
-    def embed_images_now(self, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
-        """One batched call, bypassing the queue (bulk indexing and evaluation)."""
-        return self._run_images(pixels)
-
-    def embed_tokens_now(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[TextEmbedding]:
-        return self._run_texts(items)
-
-    def _run_images(self, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
-        cls, patches = self.image_session.run(None, {"pixels": np.stack(pixels).astype(np.float32)})
-        return [ImageEmbedding(cls[i], patches[i]) for i in range(len(pixels))]
-
-    def _run_texts(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[TextEmbedding]:
-        width = max(len(ids) for ids, _ in items)
-        ids = np.zeros((len(items), width), dtype=np.int64)
-        mask = np.zeros((len(items), width), dtype=np.int64)
-        for i, (row_ids, row_mask) in enumerate(items):
-            ids[i, : len(row_ids)] = row_ids
-            mask[i, : len(row_mask)] = row_mask
-        cls, tokens, word_mask = self.text_session.run(None, {"ids": ids, "mask": mask})
-        out = []
-        for i, (row_ids, _) in enumerate(items):
-            n = len(row_ids)
-            out.append(TextEmbedding(cls[i], tokens[i, :n], word_mask[i, :n]))
-        return out
+        self.image = MicroBatcher("image", self.embed_images_now, *bounds)
+        self.text = MicroBatcher("text", self.embed_tokens_now, *bounds)
 
     def close(self) -> None:
         self.image.close()

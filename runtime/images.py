@@ -1,6 +1,6 @@
 """Decode and validate uploaded images, then preprocess them as model.json says.
 
-Every rejection is an `ApiError` naming the problem: too many bytes, not an image, a format we do not
+Every rejection is an `InputError` naming the problem: too many bytes, not an image, a format we do not
 take, too many pixels (decompression bombs are refused before the pixels are decoded)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import ApiError
+from runtime.errors import InputError
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -35,8 +35,7 @@ class PixelBudget:
     def take(self, pixels: int, name: str) -> None:
         with self._lock:
             if self.used + pixels > self.limit:
-                raise ApiError(
-                    413,
+                raise InputError(
                     "request_too_many_pixels",
                     f"{name}: the request's images hold more than {self.limit} pixels in all; send fewer per request",
                 )
@@ -46,42 +45,32 @@ class PixelBudget:
 def decode_image(
     data: bytes, filename: str, max_bytes: int, max_pixels: int, budget: PixelBudget | None = None
 ) -> Image.Image:
-    """Bytes -> RGB PIL image with EXIF orientation applied. Raises ApiError(4xx)."""
+    """Bytes -> RGB PIL image with EXIF orientation applied. Raises InputError."""
     name = filename or "upload"
     if not data:
-        raise ApiError(400, "empty_file", f"{name}: the file is empty")
+        raise InputError("empty_file", f"{name}: the file is empty")
     if len(data) > max_bytes:
-        raise ApiError(413, "image_too_large", f"{name}: {len(data)} bytes, the limit is {max_bytes}")
+        raise InputError("image_too_large", f"{name}: {len(data)} bytes, the limit is {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             if im.format not in ALLOWED_FORMATS:
-                raise ApiError(415, "unsupported_format", f"{name}: format {im.format} is not supported")
+                raise InputError("unsupported_format", f"{name}: format {im.format} is not supported")
             w, h = im.size
             if w * h > max_pixels:
-                raise ApiError(413, "too_many_pixels", f"{name}: {w}x{h} pixels, the limit is {max_pixels}")
+                raise InputError("too_many_pixels", f"{name}: {w}x{h} pixels, the limit is {max_pixels}")
             if budget is not None:
                 budget.take(w * h, name)
             im.load()
             im = ImageOps.exif_transpose(im)
-    except ApiError:
+    except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, "too_many_pixels", f"{name}: {exc}") from exc
+        raise InputError("too_many_pixels", f"{name}: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ApiError(400, "invalid_image", f"{name}: not a decodable image ({type(exc).__name__})") from exc
+        raise InputError("invalid_image", f"{name}: not a decodable image ({type(exc).__name__})") from exc
     return to_rgb(im)
-
-
-def decode_image_file(path: Path, max_bytes: int, max_pixels: int) -> tuple[Image.Image | None, str | None]:
-    """For bulk indexing, where a bad file is reported and skipped: (image, None) or (None, reason)."""
-    try:
-        return decode_image(Path(path).read_bytes(), Path(path).name, max_bytes, max_pixels), None
-    except ApiError as exc:
-        return None, f"{path}: {exc.message}"
-    except OSError as exc:
-        return None, f"{path}: {exc}"
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -93,14 +82,33 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def square(im: Image.Image, size: int) -> Image.Image:
+    """Squash to size x size with bicubic resampling: the one resize of training, evaluation and
+    serving (the thesis' eval transform: no crop)."""
+    return im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC)
+
+
+def normalize(arr: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """uint8 [S, S, 3] RGB -> float32 [3, S, S], normalised as model.json says."""
+    x = np.asarray(arr, dtype=np.float32) / 255.0
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
 def preprocess(im: Image.Image, size: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """Squash to size x size with bicubic resampling (the training eval transform), normalise,
-    return float32 [3, size, size]."""
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    """A decoded image -> the image graph's input, float32 [3, size, size]."""
+    return normalize(np.asarray(square(im, size)), mean, std)
+
+
+# training and evaluation read their own datasets: no upload limits beyond PIL's bomb check
+TRUSTED_BYTES, TRUSTED_PIXELS = 2**31, Image.MAX_IMAGE_PIXELS or 2**31
+
+
+def decode_square(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """Bytes -> uint8 [size, size, 3], decoded exactly as the service decodes an upload (EXIF
+    orientation, alpha on white, CMYK and palettes to RGB): training and `emkum eval` see the
+    pixels the service will see."""
+    return np.asarray(square(decode_image(data, name, TRUSTED_BYTES, TRUSTED_PIXELS), size), dtype=np.uint8)
 
 
 def thumbnail_jpeg(im: Image.Image, size: int) -> bytes:
