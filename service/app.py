@@ -42,6 +42,7 @@ def load_state(state: AppState) -> None:
         s.queue_size,
         company=lambda: state.active_requests > 1,
         max_queue_wait_ms=s.max_queue_wait_ms,
+        max_image_queue_wait_ms=s.max_image_queue_wait_ms,
     )
     store = VectorStore(
         s.data_dir,

@@ -146,11 +146,12 @@ class BatchedEncoders(Encoders):
         queue_size: int = 256,
         company: Callable[[], bool] | None = None,
         max_queue_wait_ms: float = float("inf"),
+        max_image_queue_wait_ms: float = float("inf"),
     ) -> None:
         super().__init__(model_dir, card, providers, precision, threads, spinning)
-        bounds = (max_batch, max_wait_ms, queue_size, company, max_queue_wait_ms)
-        self.image = MicroBatcher("image", self.embed_images_now, *bounds)
-        self.text = MicroBatcher("text", self.embed_tokens_now, *bounds)
+        bounds = (max_batch, max_wait_ms, queue_size, company)
+        self.image = MicroBatcher("image", self.embed_images_now, *bounds, max_image_queue_wait_ms)
+        self.text = MicroBatcher("text", self.embed_tokens_now, *bounds, max_queue_wait_ms)
 
     def close(self) -> None:
         self.image.close()

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # work that waited longer than this for an encoder or a search thread is refused with 503 +
     # Retry-After instead of being done late (load shedding; emkum_shed_total counts it)
     max_queue_wait_ms: float = Field(2000.0, gt=0)
+    # the same bound for the image encoder, looser: uploads of many files queue for it by design
+    # (on 2 CPU cores 4 clients posting 8 images each wait ~3 s), and queries by image share it
+    max_image_queue_wait_ms: float = Field(20000.0, gt=0)
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
