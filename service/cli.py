@@ -188,12 +188,11 @@ def serve(
     port: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Start the HTTP service (settings from EMKUM_* environment variables; options override them)."""
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve as run_server
 
     settings = _settings(model_dir=model_dir, data_dir=data_dir, host=host, port=port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    run_server(create_app(settings), settings)
 
 
 @app.command("index")

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     # (on 2 CPU cores 4 clients posting 8 images each wait ~3 s), and queries by image share it
     max_image_queue_wait_ms: float = Field(20000.0, gt=0)
 
+    # a connection must send a whole request head this soon after connecting or after its last
+    # response, or it is closed (slowloris); idle keep-alive connections close after idle_timeout_s
+    header_timeout_s: float = Field(10.0, gt=0)
+    idle_timeout_s: int = Field(5, ge=1)
+    max_connections: int = Field(1024, ge=1)  # open at once; uvicorn answers 503 beyond
+
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     # all images of one request together: 64 files of 49 MP each took 29.5 s of CPU to decode

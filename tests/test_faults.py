@@ -261,3 +261,36 @@ def test_text_search_sheds_load_with_503_instead_of_growing_latency(tiny_model_d
             float(line.rsplit(" ", 1)[1]) for line in exposed.splitlines() if line.startswith("emkum_shed_total{")
         )
         assert counted == len(shed)
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(tiny_model_dir, tmp_path):
+    """Issue #15 defect 7: no idle or header timeout, so silent or slowloris connections stayed open
+    forever. With a 1 s header deadline: a silent connection and one dribbling a header line every
+    0.4 s are both closed, a normal client is served throughout."""
+    import socket
+
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, header_timeout_s=1, quiet=True) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)))
+        dribbler = socket.create_connection((host, int(port)))
+        dribbler.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        start, dropped = time.monotonic(), None
+        with srv.client() as c:
+            for _ in range(15):  # a header line every 0.4 s: each byte used to reset uvicorn's timer
+                try:
+                    dribbler.sendall(b"X-Slow: 1\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    dropped = time.monotonic() - start
+                    break
+                assert c.get("/healthz").status_code == 200
+                time.sleep(0.4)
+        assert dropped is not None and dropped < 3, dropped
+        silent.settimeout(5)
+        try:
+            assert silent.recv(100) == b""  # closed by the server
+        except ConnectionResetError:
+            pass
+        silent.close()
+        dribbler.close()
+        with srv.client() as c:  # a client that sends a request in time is not affected
+            assert c.get("/healthz").status_code == 200
