@@ -75,11 +75,28 @@ def test_kd_and_target_cmli_losses_are_zero_at_the_target():
     assert kd_loss(std, std, target).item() == pytest.approx(0.0, abs=1e-6)
     teacher_patches = torch.randn(2, 5, 12)
     std_p = F.layer_norm(teacher_patches, (12,))
-    tokens = std_p[:, [3, 1, 0]]  # each token equals one teacher patch: its argmax is that patch
+    tokens = std_p[:, [3, 1, 0]]  # each token equals one teacher patch, and the student agrees
     mask = torch.ones(2, 3)
-    assert target_cmli_loss(std_p, tokens, mask, teacher_patches).item() == pytest.approx(0.0, abs=1e-5)
+    assert target_cmli_loss(std_p, tokens, mask, teacher_patches, tokens, std_p).item() == pytest.approx(0.0, abs=1e-5)
     # shifting every token by 1 costs MSE 1 on the text side, 0 on the image side: (0 + 1) / 2
-    assert target_cmli_loss(std_p, tokens + 1, mask, teacher_patches).item() == pytest.approx(0.5, abs=1e-5)
+    loss = target_cmli_loss(std_p, tokens + 1, mask, teacher_patches, tokens, std_p)
+    assert loss.item() == pytest.approx(0.5, abs=1e-5)
+
+
+def test_target_cmli_picks_the_patch_the_student_matches_not_the_one_nearest_the_prediction():
+    """Seed 004 eq. 9: the target of token j is the teacher patch at m_j^{t2i}, the argmax over the
+    student's patches of the student's similarity (eq. 2). The old code took the teacher patch nearest
+    the token's prediction, which here is patch 0 while the student matches patch 2."""
+    teacher = F.layer_norm(torch.randn(1, 3, 8), (8,))
+    pred = teacher[:, :1] + 0.01  # the token's prediction sits on teacher patch 0
+    student_patches = torch.eye(3, 4)[None]  # three orthogonal student patches
+    student_token = student_patches[:, 2:3] * 5  # the student's token matches student patch 2
+    mask = torch.ones(1, 1)
+    loss = target_cmli_loss(teacher, pred, mask, teacher, student_token, student_patches)
+    expected = ((pred[0, 0] - teacher[0, 2]) ** 2).mean() / 2  # image side is 0: patches = teacher
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    nearest = ((pred[0, 0] - teacher[0, 0]) ** 2).mean() / 2  # what the old rule would have given
+    assert abs(loss.item() - nearest.item()) > 0.1
 
 
 def _config(data, out, **kw) -> TrainConfig:

@@ -219,8 +219,9 @@ def train(cfg: TrainConfig) -> dict:
                 if cfg.loss.target_cmli > 0:
                     kd_head = raw_model.kd_head
                     pooled = pooled_patches(img.hidden[:, 1:], mcfg.vision.grid, t_patch.shape[1])
+                    own = pooled_patches(img.patches, mcfg.vision.grid, t_patch.shape[1])  # for eq. 9's argmax
                     losses["target_cmli"] = target_cmli_loss(
-                        kd_head(pooled), kd_head(txt.hidden), txt.token_mask, t_patch[idx].to(device)
+                        kd_head(pooled), kd_head(txt.hidden), txt.token_mask, t_patch[idx].to(device), txt.tokens, own
                     )
                 if cfg.loss.cmli_contrastive > 0:
                     losses["cmli_contrastive"] = cmli_contrastive_loss(

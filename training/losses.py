@@ -62,17 +62,24 @@ def target_cmli_loss(
     text_token_pred: torch.Tensor,
     token_mask: torch.Tensor,
     teacher_patches: torch.Tensor,
+    student_tokens: torch.Tensor,
+    student_patches: torch.Tensor,
 ) -> torch.Tensor:
     """Target-CMLI (seed 004, eq. 7-10).
 
     image_patch_pred: the student's patches in teacher space, pooled to the teacher's grid [B, n, D];
     text_token_pred: the student's tokens in teacher space [B, M, D]; token_mask excludes CLS, SEP
-    and padding. Each text token regresses the teacher patch it matches best (eq. 2, 9); patches
-    regress their teacher patch in place (eq. 7); the KD loss is the mean of the two (eq. 10)."""
+    and padding. student_tokens [B, M, P] and student_patches [B, n, P] (pooled to the same grid):
+    the student's own CMLI vectors, which choose each token's target. Patches regress their teacher
+    patch in place (eq. 7); text token j regresses the teacher patch at m_j^{t2i} (eq. 9), which eq. 2
+    defines as the argmax over the *student's* patches of the student's token-patch similarity, not
+    the teacher patch nearest the token's prediction; the KD loss is the mean of the two (eq. 10)."""
     target = standardise(teacher_patches)
     l_i2t = F.mse_loss(image_patch_pred.float(), target)
-    pred = F.normalize(text_token_pred.float(), dim=-1)
-    _, _, best = cmli_pairs(pred, token_mask, F.normalize(target, dim=-1))
+    with torch.no_grad():  # an index: eq. 9 has no gradient through the choice
+        _, _, best = cmli_pairs(
+            F.normalize(student_tokens.float(), dim=-1), token_mask, F.normalize(student_patches.float(), dim=-1)
+        )
     chosen = torch.gather(target, 1, best[..., None].expand(-1, -1, target.shape[-1]))
     per_token = ((text_token_pred.float() - chosen) ** 2).mean(-1)
     l_t2i = (per_token * token_mask).sum() / token_mask.sum().clamp_min(1.0)
