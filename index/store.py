@@ -70,7 +70,6 @@ class SearchHit:
     cls_score: float
     cmli_score: float | None
     metadata: dict[str, Any]
-    matches: list[int] | None = None  # per query token: the candidate vector it matched best
     # explain: [query words, item vectors] similarities, the heatmap of each word over the image
     similarities: np.ndarray | None = None
 
@@ -516,15 +515,10 @@ class VectorStore:
         if cmli is not None:
             timings["rerank"] = time.perf_counter() - start
         heatmaps: dict[int, np.ndarray] = {}
-        matches: dict[int, list[int]] = {}  # per query token (0 for non-words), after a rerank
         if explain and words is not None:  # the returned items' similarities: reused from the rerank
             for i in order:
                 rows = sim[i, : len(codes[i])] if sim is not None else codec.inner_products(codes[i], words)
                 heatmaps[int(i)] = np.ascontiguousarray(rows.T)
-                if cmli is not None:
-                    best = np.zeros(len(is_word), dtype=np.int64)
-                    best[is_word] = rows.argmax(axis=0)
-                    matches[int(i)] = best.tolist()
         meta = self._metadata([int(iids[i]) for i in order])
         return [
             SearchHit(
@@ -533,7 +527,6 @@ class VectorStore:
                 cls_score=float(cls_scores[i]),
                 cmli_score=None if cmli is None else float(cmli[i]),
                 metadata=meta.get(int(iids[i]), {}),
-                matches=matches.get(int(i)),
                 similarities=heatmaps.get(int(i)),
             )
             for i in order

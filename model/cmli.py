@@ -74,12 +74,3 @@ def cmli_i2t_candidates(
     sim = torch.einsum("bnd,bkmd->bknm", patches, candidate_tokens)
     sim = sim.masked_fill(~candidate_mask.bool()[:, :, None, :], torch.finfo(sim.dtype).min)
     return sim.max(dim=3).values.mean(dim=2)
-
-
-def cmli_query(
-    tokens: torch.Tensor, token_mask: torch.Tensor, candidate_patches: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query ([M, d], mask [M]) against K candidates ([K, N, d]): t2i scores [K] and, for each
-    candidate, the best patch of every query token [K, M] (what the service's `explain` shows)."""
-    scores, best_patch = cmli_t2i_candidates(tokens[None], token_mask[None], candidate_patches[None])
-    return scores[0], best_patch[0]

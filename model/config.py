@@ -46,7 +46,7 @@ class TextConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     max_positions: int = 512
-    max_length: int = 64  # captions are padded/truncated to 64 tokens (DESIGN.md section 3)
+    max_length: int = 64  # captions are padded/truncated to 64 tokens (the design card, section 3)
     post_norm: bool = True  # BERT/MiniLM layers are Post-LN; the seed's own encoder is Pre-LN
     embed_norm: bool = True  # BERT normalises the embedding sum
     cls_zero_position: bool = False  # seed 000 eq. 14: no positional encoding for [T_CLS]

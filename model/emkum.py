@@ -42,7 +42,7 @@ class TextOutput:
 
 
 class RegressionHead(nn.Module):
-    """LayerNorm + Linear from the shared block to the teacher's space (KD, DESIGN.md section 3)."""
+    """LayerNorm + Linear from the shared block to the teacher's space (KD, the design card section 3)."""
 
     def __init__(self, width: int, out_dim: int) -> None:
         super().__init__()
@@ -166,7 +166,3 @@ class Emkum(nn.Module):
         """Both towers and the temperature in one call: DDP synchronises gradients only for
         parameters reached through `forward`, the loss's `logit_scale` included."""
         return self.encode_image(pixels), self.encode_text(ids, mask), self.logit_scale * 1.0
-
-
-def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -40,7 +40,6 @@ class AppState:
     search_pool: ThreadPoolExecutor | None = None  # searches run here, one core each
     decode_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(available_cores()))
     active_requests: int = 0  # HTTP requests being served (the batchers wait for company only if > 1)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def rerank_threads(self) -> int:
         """Cores for this search's rerank: all of them when its request is the only one in flight (they

@@ -101,8 +101,8 @@ def test_rerank_matches_bruteforce_cmli(tmp_path, rng):
         assert h.score == pytest.approx(h.cmli_score)
     best = hits[0]
     vecs = next(it.vectors for it in items if it.id == best.id)
-    for j in (1, 2, 3, 4):
-        assert best.matches[j] == int(np.argmax(vecs @ q_tok[j]))
+    for row, j in enumerate((1, 2, 3, 4)):  # explain: each word's similarity to every stored vector
+        assert int(best.similarities[row].argmax()) == int(np.argmax(vecs @ q_tok[j]))
 
 
 @pytest.mark.parametrize("rerank", [True, False])
