@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # the same bound for the image encoder, looser: uploads of many files queue for it by design
     # (on 2 CPU cores 4 clients posting 8 images each wait ~3 s), and queries by image share it
     max_image_queue_wait_ms: float = Field(20000.0, gt=0)
+    # requests in flight at once (health, readiness and metrics aside); beyond: 503 at once
+    max_in_flight: int = Field(256, ge=1)
 
     # a connection must send a whole request head this soon after connecting or after its last
     # response, or it is closed (slowloris); idle keep-alive connections close after idle_timeout_s
