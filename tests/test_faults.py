@@ -293,3 +293,24 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(tiny_model_dir
         dribbler.close()
         with srv.client() as c:  # a client that sends a request in time is not affected
             assert c.get("/healthz").status_code == 200
+
+
+def test_admission_control_refuses_past_the_in_flight_limit_but_never_health(tiny_model_dir, tmp_path):
+    """EMKUM_MAX_IN_FLIGHT: past it, 503 at the door (before the request waits in the event loop);
+    health, readiness and metrics are never refused."""
+    with running_server(tiny_model_dir, tmp_path / "d", tmp_path, max_in_flight=2, quiet=True) as srv:
+
+        def one(i: int) -> httpx.Response:
+            with srv.client() as client:
+                if i % 8 == 0:
+                    return client.get("/healthz")
+                return client.post("/search/text", json={"query": f"a photo number {i}", "k": 3})
+
+        with cf.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(one, range(256)))
+        health = [r for i, r in enumerate(answers) if i % 8 == 0]
+        searches = [r for i, r in enumerate(answers) if i % 8]
+        assert all(r.status_code == 200 for r in health)
+        refused = [r for r in searches if r.status_code == 503]
+        assert refused and any(r.status_code == 200 for r in searches)
+        assert all("in flight" in r.json()["error"]["message"] and r.headers["retry-after"] == "1" for r in refused)
