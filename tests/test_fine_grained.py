@@ -225,11 +225,11 @@ def test_heads_go_into_the_model_they_were_trained_for(rng):
     from training.fine_grained import FineGrainedTrainConfig, Heads, heads_into_model
 
     plain = _tiny(None)
-    heads = Heads((plain.cfg.vision.width,), plain.cfg.text.width, plain.cfg.proj_dim, 0)
+    heads = Heads((plain.cfg.vision.width,), plain.cfg.text.width, plain.cfg.proj_dim, 0, context=3)
     with torch.no_grad():
         heads.image.proj.weight.normal_()
     merged = heads_into_model(plain, heads, FineGrainedTrainConfig(layers=(2,)))
-    assert merged.cfg.fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0)
+    assert merged.cfg.fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0, context=3)
     assert plain.cfg.fine_grained is None  # the original is left as it was
     torch.testing.assert_close(merged.fg_image.proj.weight, heads.image.proj.weight)
     pixels = torch.randn(1, 3, 32, 32)
@@ -283,7 +283,7 @@ def test_the_whole_recipe_caches_trains_merges_and_exports(synthetic_data, tmp_p
     final = summary["history"][-1]
     assert {"rerank_mean6", "pointing2", "pointing3", "choice_cmli"} <= set(final)
     model, header = load_checkpoint(tmp_path / "fg.safetensors")
-    assert model.cfg.fine_grained == FineGrainedConfig(vision_layers=(1, 2), hidden=0)
+    assert model.cfg.fine_grained == FineGrainedConfig(vision_layers=(1, 2), hidden=0, context=3)
     assert header["extra"]["val"]["cls_weight"] == final["cls_weight"] and "cls" in header["extra"]["val"]
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())

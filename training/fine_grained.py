@@ -43,7 +43,7 @@ class FineGrainedTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: tuple[int, ...] = (10, 12)  # image-tower blocks the head reads (cached ones)
     hidden: int = 0  # MLP width inside the head (0: LayerNorm + Linear)
-    context: int = 0  # kernel of the patch head's depthwise conv over the grid (model/emkum.py)
+    context: int = 3  # kernel of the patch head's depthwise conv over the grid (model/emkum.py); 0: none
     epochs: int = 5
     batch: int = 128  # single images per FILIP step
     collage_batch: int = 32  # collages per step
