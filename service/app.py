@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from index import VectorStore, one_thread_per_search
 from runtime.modelcard import load_model_card, store_config
 from runtime.tokenizer import TextTokenizer
 from service import metrics
 from service.batching import BatchedEncoders
-from service.deadline import mark_arrival
 from service.deps import AppState, available_cores
-from service.errors import ApiError, error_response, install_handlers, without_paths
-from service.guards import OPEN_PATHS, check_request
+from service.errors import install_handlers, without_paths
+from service.observe import Observe
 from service.routes import embed, health, items, search, web
 from service.schemas import ERROR_RESPONSES
 from service.settings import Settings
@@ -117,38 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     body_limit = settings.max_files * settings.max_image_bytes + 1024 * 1024
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > body_limit:
-            return error_response(413, "request_too_large", f"request body of {length} bytes, limit {body_limit}")
-        try:
-            check_request(request, settings)
-        except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message, exc.headers)
-        if state.active_requests >= settings.max_in_flight and request.url.path not in OPEN_PATHS:
-            # admission control: past this many requests in flight, new ones wait behind them in
-            # the event loop before any queue bound can see them (512 clients: p50 2-3 s with or
-            # without queue-wait shedding); refusing at the door keeps the admitted ones fast
-            metrics.SHED.labels("admission", "in_flight").inc()
-            message = (
-                f"{state.active_requests} requests in flight, the limit is {settings.max_in_flight}; retry shortly"
-            )
-            return error_response(503, "overloaded", message, {"Retry-After": "1"})
-        start = time.perf_counter()
-        mark_arrival()
-        state.active_requests += 1
-        metrics.IN_FLIGHT.inc()
-        try:
-            response = await call_next(request)
-        finally:
-            state.active_requests -= 1
-            metrics.IN_FLIGHT.dec()
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
-        metrics.REQUEST_LATENCY.labels(path).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Observe, state=state, body_limit=body_limit)
 
     for router in (health.router, embed.router, items.router, search.router, web.router):
         app.include_router(router)
