@@ -19,7 +19,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe, record  # noqa: E402
-from index import VectorStore  # noqa: E402
+from index import Query, VectorStore  # noqa: E402
 from index.cmli import rerank_cmli  # noqa: E402
 from index.store import ItemInput  # noqa: E402
 from runtime.encoders import Encoders  # noqa: E402
@@ -88,10 +88,10 @@ def main() -> None:
                 store.add(items[start : start + step])
             overlap, ranked, seconds = [], [], []
             for q, ref in zip(queries, exact_top10, strict=True):
-                hits = store.search(q.cls, q.tokens, q.mask, k=10, candidates=100, cls_weight=0.0)
+                hits = store.search(Query(q.cls, q.tokens, q.mask), k=10, candidates=100, cls_weight=0.0)
                 overlap.append(len({int(h.id) for h in hits} & ref) / 10)
                 t0 = time.perf_counter()
-                hits = store.search(q.cls, q.tokens, q.mask, k=10, candidates=20, cls_weight=weight)
+                hits = store.search(Query(q.cls, q.tokens, q.mask), k=10, candidates=20, cls_weight=weight)
                 seconds.append(time.perf_counter() - t0)
                 ranked.append([int(h.id) for h in hits])
             row = {

@@ -10,17 +10,19 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss (and its libgomp) is loaded
 
 from index.errors import CorruptStoreFile, DuplicateItem, IndexError_, ReadOnlyStore, StoreMismatch, UnknownItem
-from index.store import SearchHit, StoreConfig, VectorStore, one_thread_per_search
+from index.store import Query, SearchHit, StoreConfig, VectorStore, WordMatch, one_thread_per_search
 
 __all__ = [
     "CorruptStoreFile",
     "DuplicateItem",
     "IndexError_",
+    "Query",
     "ReadOnlyStore",
     "SearchHit",
     "StoreConfig",
     "StoreMismatch",
     "UnknownItem",
     "VectorStore",
+    "WordMatch",
     "one_thread_per_search",
 ]

@@ -64,14 +64,48 @@ class StoreConfig:
 
 
 @dataclass
+class Query:
+    """What a search asks with: the CLS vector and, for the rerank and `explain`, the query's token
+    vectors (a text's tokens, or an image's patches), which of them are words, and their labels."""
+
+    cls: np.ndarray  # [P]
+    vectors: np.ndarray | None = None  # [L, P]
+    mask: np.ndarray | None = None  # [L] 1 for the vectors that take part (words; every patch)
+    labels: list[str] | None = None  # [L] the tokens' strings (None: their positions)
+
+    def words(self) -> tuple[np.ndarray, list[str]] | None:
+        """The taking-part vectors [W, P] and their labels, or None for a CLS-only query."""
+        if self.vectors is None or self.mask is None:
+            return None
+        keep = np.asarray(self.mask).astype(bool)
+        labels = self.labels if self.labels is not None else [str(i) for i in range(len(keep))]
+        return np.asarray(self.vectors, dtype=np.float32)[keep], [w for w, k in zip(labels, keep, strict=False) if k]
+
+
+@dataclass
+class WordMatch:
+    """One query word against one hit: its best stored vector, that similarity, and its
+    similarity to every stored vector (the heatmap, row-major on the item's grid)."""
+
+    label: str
+    best: int
+    score: float
+    heatmap: np.ndarray  # [item vectors]
+
+
+@dataclass
 class SearchHit:
     id: str
     score: float
     cls_score: float
     cmli_score: float | None
     metadata: dict[str, Any]
-    # explain: [query words, item vectors] similarities, the heatmap of each word over the image
-    similarities: np.ndarray | None = None
+    words: list[WordMatch] | None = None  # with explain: one per query word
+
+    @property
+    def similarities(self) -> np.ndarray | None:
+        """[words, item vectors]: every word's heatmap, stacked."""
+        return None if self.words is None else np.stack([w.heatmap for w in self.words])
 
 
 @dataclass
@@ -471,9 +505,7 @@ class VectorStore:
 
     def search(
         self,
-        query_cls: np.ndarray,
-        query_tokens: np.ndarray | None = None,
-        query_mask: np.ndarray | None = None,
+        query: Query,
         k: int = 10,
         candidates: int = 100,
         rerank: bool = True,
@@ -483,8 +515,9 @@ class VectorStore:
         threads: int = 1,
     ) -> list[SearchHit]:
         """Stage 1: top `candidates` by CLS inner product. Stage 2 (rerank): CMLI of the query's
-        tokens against each candidate's decoded vectors (seed 004, eq. 4); the final score is
-        cls_weight * cls + (1 - cls_weight) * cmli, sorted, top k.
+        words against each candidate's stored vectors (seed 004, eq. 4); the final score is
+        cls_weight * cls + (1 - cls_weight) * cmli, sorted, top k. `explain`: each hit carries, per
+        query word, its best vector and its similarity to all of them (reused from the rerank).
 
         `threads`: cores for the rerank's products. One when searches run side by side (each has a
         core); more when this search has the machine to itself (the service decides: it knows how many
@@ -493,7 +526,7 @@ class VectorStore:
         timings = {} if timings is None else timings
         start = time.perf_counter()
         with self._lock:
-            iids, cls_scores = self._cls.search(query_cls, candidates)
+            iids, cls_scores = self._cls.search(query.cls, candidates)
             codes = [self._codes[i] for i in iids]
             codec = self._active  # the codec these codes are in, even if a re-encode follows
             names = [self._id_of[int(i)] for i in iids]
@@ -501,24 +534,26 @@ class VectorStore:
         if len(iids) == 0:
             return []
         start = time.perf_counter()
-        cmli = sim = words = None
+        cmli = sim = None
         final = cls_scores.copy()
-        if query_tokens is not None and query_mask is not None:
-            is_word = np.asarray(query_mask).astype(bool)
-            words = np.asarray(query_tokens, dtype=np.float32)[is_word]
+        words = query.words()
         if rerank and words is not None:
-            flat = codec.inner_products(np.concatenate(codes), words, threads=threads)  # on the codes, no decode
+            flat = codec.inner_products(np.concatenate(codes), words[0], threads=threads)  # on the codes, no decode
             sim, valid = split_similarities(flat, [len(c) for c in codes])
-            cmli = cmli_from_similarities(sim, query_mask, valid)
+            cmli = cmli_from_similarities(sim, query.mask, valid)
             final = cls_weight * cls_scores + (1 - cls_weight) * cmli
         order = np.argsort(-final, kind="stable")[:k]
         if cmli is not None:
             timings["rerank"] = time.perf_counter() - start
-        heatmaps: dict[int, np.ndarray] = {}
-        if explain and words is not None:  # the returned items' similarities: reused from the rerank
+        explained: dict[int, list[WordMatch]] = {}
+        if explain and words is not None:
+            vectors, labels = words
             for i in order:
-                rows = sim[i, : len(codes[i])] if sim is not None else codec.inner_products(codes[i], words)
-                heatmaps[int(i)] = np.ascontiguousarray(rows.T)
+                rows = sim[i, : len(codes[i])] if sim is not None else codec.inner_products(codes[i], vectors)
+                maps = np.ascontiguousarray(rows.T)  # [words, item vectors]
+                explained[int(i)] = [
+                    WordMatch(label, int(m.argmax()), float(m.max()), m) for label, m in zip(labels, maps, strict=True)
+                ]
         meta = self._metadata([int(iids[i]) for i in order])
         return [
             SearchHit(
@@ -527,10 +562,15 @@ class VectorStore:
                 cls_score=float(cls_scores[i]),
                 cmli_score=None if cmli is None else float(cmli[i]),
                 metadata=meta.get(int(iids[i]), {}),
-                similarities=heatmaps.get(int(i)),
+                words=explained.get(int(i)),
             )
             for i in order
         ]
+
+    @property
+    def grid(self) -> int | None:
+        """Stored vectors per side of an item's grid (the model's patch grid over the pooling)."""
+        return None if self.config.patch_grid is None else self.config.patch_grid // self.config.patch_pool
 
     def _metadata(self, iids: list[int]) -> dict[int, dict]:
         if not iids:

@@ -253,6 +253,7 @@ def search(
     data_dir: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """Search the index from the command line (no server needed)."""
+    from index import Query
     from runtime.modelcard import rerank_defaults
     from service.app import load_state
     from service.deps import AppState
@@ -262,7 +263,9 @@ def search(
     (emb,) = state.encoders.embed_tokens_now(state.tokenizer([query]).rows())
     defaults = rerank_defaults(state.card)
     candidates = candidates or defaults.candidates
-    hits = state.store.search(emb.cls, emb.tokens, emb.mask, k, candidates, rerank, cls_weight=defaults.cls_weight)
+    hits = state.store.search(
+        Query(emb.cls, emb.tokens, emb.mask), k, candidates, rerank, cls_weight=defaults.cls_weight
+    )
     state.encoders.close()
     for h in hits:
         typer.echo(f"{h.score:.4f}  {h.id}  {json.dumps(h.metadata)}")

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from index import CorruptStoreFile, StoreConfig, StoreMismatch, UnknownItem, VectorStore
+from index import CorruptStoreFile, Query, StoreConfig, StoreMismatch, UnknownItem, VectorStore
 from index.cmli import rerank_cmli
 from index.store import ItemInput
 from tests.conftest import unit
@@ -52,7 +52,7 @@ def test_upsert_replaces_vectors_and_metadata(tmp_path, rng):
     assert len(store) == 2
     assert store.get("a")["metadata"] == {"v": 2}
     np.testing.assert_allclose(store.vectors("a"), second.vectors, atol=1e-3)
-    hits = store.search(second.cls, k=1, rerank=False)
+    hits = store.search(Query(second.cls), k=1, rerank=False)
     assert hits[0].id == "a" and hits[0].cls_score == pytest.approx(1.0, abs=1e-5)
     assert store.counts() == {"metadata": 2, "cls": 2, "patches": 2, "ids": 2}
 
@@ -63,7 +63,7 @@ def test_delete_removes_from_search(tmp_path, rng):
     store.add(items)
     store.delete("i3")
     assert "i3" not in store
-    assert all(h.id != "i3" for h in store.search(items[3].cls, k=20, rerank=False))
+    assert all(h.id != "i3" for h in store.search(Query(items[3].cls), k=20, rerank=False))
     with pytest.raises(UnknownItem):
         store.delete("i3")
     assert store.counts()["cls"] == 19
@@ -77,12 +77,12 @@ def test_persistence_across_restart(tmp_path, rng, factory):
         store.add(items[start : start + 25])
     store.delete("i10")
     store.add([item(rng, "i11", meta={"new": True})])
-    before = [(h.id, round(h.score, 5)) for h in store.search(items[50].cls, k=5, rerank=False)]
+    before = [(h.id, round(h.score, 5)) for h in store.search(Query(items[50].cls), k=5, rerank=False)]
     store._db.close()  # no clean snapshot: the next open must replay the change log
     again = VectorStore(tmp_path, cfg(cls_factory=factory, snapshot_every=7))
     assert len(again) == 199 and "i10" not in again
     assert again.get("i11")["metadata"] == {"new": True}
-    assert [(h.id, round(h.score, 5)) for h in again.search(items[50].cls, k=5, rerank=False)] == before
+    assert [(h.id, round(h.score, 5)) for h in again.search(Query(items[50].cls), k=5, rerank=False)] == before
     assert again.counts() == {"metadata": 199, "cls": 199, "patches": 199, "ids": 199}
 
 
@@ -93,7 +93,7 @@ def test_rerank_matches_bruteforce_cmli(tmp_path, rng):
     q_cls = unit(rng.normal(size=D))
     q_tok = unit(rng.normal(size=(7, D)))
     q_mask = np.array([0, 1, 1, 1, 1, 0, 0])
-    hits = store.search(q_cls, q_tok, q_mask, k=10, candidates=40, rerank=True, cls_weight=0.0, explain=True)
+    hits = store.search(Query(q_cls, q_tok, q_mask), k=10, candidates=40, rerank=True, cls_weight=0.0, explain=True)
     ref = sorted(((cmli_t2i_loop(q_tok, q_mask, it.vectors), it.id) for it in items), reverse=True)[:10]
     assert [h.id for h in hits] == [name for _, name in ref]
     for h, (score, _) in zip(hits, ref, strict=True):
@@ -101,8 +101,11 @@ def test_rerank_matches_bruteforce_cmli(tmp_path, rng):
         assert h.score == pytest.approx(h.cmli_score)
     best = hits[0]
     vecs = next(it.vectors for it in items if it.id == best.id)
-    for row, j in enumerate((1, 2, 3, 4)):  # explain: each word's similarity to every stored vector
-        assert int(best.similarities[row].argmax()) == int(np.argmax(vecs @ q_tok[j]))
+    for row, j in enumerate((1, 2, 3, 4)):  # explain: each word's best stored vector and its map
+        word = best.words[row]
+        assert word.label == str(j) and word.best == int(np.argmax(vecs @ q_tok[j]))
+        assert word.score == pytest.approx(float(np.max(vecs @ q_tok[j])), abs=2e-2)  # SQ8 codes
+        assert int(best.similarities[row].argmax()) == word.best
 
 
 @pytest.mark.parametrize("rerank", [True, False])
@@ -110,18 +113,18 @@ def test_explain_returns_each_words_similarities_over_the_items_vectors(tmp_path
     store = VectorStore(tmp_path, cfg(patch_codec="SQ8", codec_training_vectors=200))
     store.add([item(rng, f"i{n}", n=int(rng.integers(3, 20))) for n in range(40)])  # ragged, trained SQ8
     q_tok, q_mask = unit(rng.normal(size=(6, D))), np.array([0, 1, 1, 0, 1, 0])
-    hits = store.search(unit(rng.normal(size=D)), q_tok, q_mask, k=5, candidates=20, rerank=rerank, explain=True)
+    hits = store.search(Query(unit(rng.normal(size=D)), q_tok, q_mask), k=5, candidates=20, rerank=rerank, explain=True)
     for h in hits:  # from the codes the rerank already scored, equal to the decoded vectors' products
         np.testing.assert_allclose(h.similarities, q_tok[[1, 2, 4]] @ store.vectors(h.id).T, atol=ON_CODES_ATOL)
-    assert all(h.similarities is None for h in store.search(unit(rng.normal(size=D)), q_tok, q_mask, k=5))
+    assert all(h.similarities is None for h in store.search(Query(unit(rng.normal(size=D)), q_tok, q_mask), k=5))
 
 
 def test_fusion_weight_one_is_cls_order(tmp_path, rng):
     store = VectorStore(tmp_path, cfg())
     store.add([item(rng, f"i{n}") for n in range(30)])
     q = unit(rng.normal(size=D))
-    plain = [h.id for h in store.search(q, k=10, candidates=30, rerank=False)]
-    fused = store.search(q, unit(rng.normal(size=(4, D))), np.ones(4), k=10, candidates=30, cls_weight=1.0)
+    plain = [h.id for h in store.search(Query(q), k=10, candidates=30, rerank=False)]
+    fused = store.search(Query(q, unit(rng.normal(size=(4, D))), np.ones(4)), k=10, candidates=30, cls_weight=1.0)
     assert [h.id for h in fused] == plain
 
 
@@ -149,8 +152,8 @@ def test_codecs_size_and_rerank_quality(tmp_path, rng, codec, max_bytes, min_ove
     overlaps = []
     for _ in range(10):
         q, t = unit(rng.normal(size=D)), unit(rng.normal(size=(6, D)))
-        a = {h.id for h in exact.search(q, t, np.ones(6), k=10, candidates=60)}
-        b = {h.id for h in coded.search(q, t, np.ones(6), k=10, candidates=60)}
+        a = {h.id for h in exact.search(Query(q, t, np.ones(6)), k=10, candidates=60)}
+        b = {h.id for h in coded.search(Query(q, t, np.ones(6)), k=10, candidates=60)}
         overlaps.append(len(a & b) / 10)
     assert np.mean(overlaps) >= min_overlap
 
@@ -174,12 +177,12 @@ def test_rerank_scores_on_codes_equal_scores_on_decoded_vectors(tmp_path, rng, c
     np.testing.assert_allclose(store.codec.inner_products(codes, words, integer=False), decoded, atol=1e-5)
     np.testing.assert_allclose(store.codec.inner_products(codes, words), decoded, atol=ON_CODES_ATOL)
     mask = np.array([1, 1, 0, 1, 1])
-    hits = store.search(unit(rng.normal(size=D)), words, mask, k=30, candidates=30, cls_weight=0.0)
+    hits = store.search(Query(unit(rng.normal(size=D)), words, mask), k=30, candidates=30, cls_weight=0.0)
     for h in hits:
         assert h.cmli_score == pytest.approx(cmli_t2i_loop(words, mask, store.vectors(h.id)), abs=ON_CODES_ATOL)
     query = unit(rng.normal(size=D))
-    assert [(h.id, h.score) for h in store.search(query, words, mask, k=30, candidates=30, threads=2)] == [
-        (h.id, h.score) for h in store.search(query, words, mask, k=30, candidates=30, threads=1)
+    assert [(h.id, h.score) for h in store.search(Query(query, words, mask), k=30, candidates=30, threads=2)] == [
+        (h.id, h.score) for h in store.search(Query(query, words, mask), k=30, candidates=30, threads=1)
     ]
 
 
@@ -194,17 +197,17 @@ def test_codec_trains_once_enough_vectors_are_stored(tmp_path, rng, codec, need,
         store.add([it])
     assert not store.codec.is_trained and store.bytes_per_item() == per_item * D * 2  # fp16 rows
     originals = {it.id: it.vectors for it in items}
-    for h in store.search(q, t, mask, k=10, candidates=len(items), cls_weight=0.0):
+    for h in store.search(Query(q, t, mask), k=10, candidates=len(items), cls_weight=0.0):
         assert h.cmli_score == pytest.approx(cmli_t2i_loop(t, mask, originals[h.id]), abs=2e-3)
     store.add([items[-1]])
     assert store.codec.is_trained and store.bytes_per_item() == per_item * store.codec.code_size < per_item * D * 2
-    hits = store.search(q, t, mask, k=10, candidates=len(items), cls_weight=0.0)
+    hits = store.search(Query(q, t, mask), k=10, candidates=len(items), cls_weight=0.0)
     for h in hits:
         assert h.cmli_score == pytest.approx(cmli_t2i_loop(t, mask, store.vectors(h.id)), abs=ON_CODES_ATOL)
     store.close()
     reopened = VectorStore(tmp_path, cfg(patch_codec=codec))
     assert reopened.codec.is_trained and len(reopened) == len(items)
-    again = reopened.search(q, t, mask, k=10, candidates=len(items), cls_weight=0.0)
+    again = reopened.search(Query(q, t, mask), k=10, candidates=len(items), cls_weight=0.0)
     assert [(h.id, h.cmli_score) for h in again] == [(h.id, h.cmli_score) for h in hits]
 
 
@@ -243,7 +246,7 @@ def test_corrupt_snapshot_is_rebuilt_from_the_database(tmp_path, rng):
     (tmp_path / "cls.faiss").write_bytes(bytes(data))
     again = VectorStore(tmp_path, cfg())
     assert "cls.faiss" in again.snapshot_warning
-    assert again.search(items[4].cls, k=1, rerank=False)[0].id == "i4"
+    assert again.search(Query(items[4].cls), k=1, rerank=False)[0].id == "i4"
 
 
 CHILD = textwrap.dedent(
@@ -295,7 +298,7 @@ def test_sigkill_mid_write_loses_no_acknowledged_item(tmp_path):
     counts = store.counts()
     assert counts["metadata"] == counts["cls"] == counts["patches"] == len(store)
     some = sorted(acked - deleted)[0]
-    assert store.search(_cls_of(store, some), k=1, rerank=False)[0].id == some
+    assert store.search(Query(_cls_of(store, some)), k=1, rerank=False)[0].id == some
 
 
 def test_read_only_directory_left_by_a_killed_writer_shows_every_acknowledged_item(tmp_path):

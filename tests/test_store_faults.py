@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from index import DuplicateItem, StoreConfig, VectorStore
+from index import DuplicateItem, Query, StoreConfig, VectorStore
 from index.errors import ReadOnlyStore
 from index.store import ItemInput
 from tests.conftest import unit
@@ -39,7 +39,7 @@ def assert_findable_exactly(store: VectorStore, acknowledged: dict[str, np.ndarr
     counts = store.counts()
     assert counts["metadata"] == counts["cls"] == counts["patches"] == len(acknowledged)
     for name, cls in acknowledged.items():
-        assert store.search(cls, k=1, rerank=False)[0].id == name
+        assert store.search(Query(cls), k=1, rerank=False)[0].id == name
 
 
 def test_one_write_naming_an_id_twice_is_refused_and_leaves_the_store_writable(tmp_path, rng):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index import VectorStore
+from index import Query, VectorStore
 from index.cmli import rerank_cmli
 from index.store import ItemInput
 from runtime.encoders import Encoders
@@ -73,7 +73,9 @@ def evaluate_exported(
                 [
                     [
                         int(h.id)
-                        for h in image_store.search(e.cls, e.tokens, e.mask, 10, candidates, rerank, cls_weight=weight)
+                        for h in image_store.search(
+                            Query(e.cls, e.tokens, e.mask), 10, candidates, rerank, cls_weight=weight
+                        )
                     ]
                     for e in tqdm(embedded, desc=f"t2i {mode}", unit="q")
                 ]
@@ -83,9 +85,7 @@ def evaluate_exported(
                     [
                         int(h.id)
                         for h in text_store.search(
-                            e.cls,
-                            e.patches,
-                            np.ones(len(e.patches)),
+                            Query(e.cls, e.patches, np.ones(len(e.patches))),
                             10,
                             candidates,
                             rerank,

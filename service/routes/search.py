@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from typing import Annotated
 
@@ -9,6 +8,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BeforeValidator
 
+from index import Query, SearchHit
 from runtime.modelcard import rerank_defaults
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
@@ -24,60 +24,46 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-async def _search(state: AppState, q_cls, q_tok, q_mask, k, candidates, rerank, explain, timings, words=None):
+async def _search(
+    state: AppState, query: Query, k: int, candidates: int, rerank: bool, explain: bool, timings: dict[str, float]
+) -> list[dict]:
+    """Run the store's two-stage search on a search thread (bounded wait, the request's deadline)
+    and format its hits; every number comes from the store."""
     if explain:
-        check_explain(state, k, int(np.asarray(q_mask).astype(bool).sum()))
+        check_explain(state, k, int(np.asarray(query.mask).astype(bool).sum()))
     found: dict[str, float] = {}
-    cls_weight = rerank_defaults(state.card).cls_weight
-    search = functools.partial(  # threads: the load is read here, when the request is in flight
-        state.store.search,
-        q_cls,
-        q_tok,
-        q_mask,
-        k,
-        candidates,
-        rerank,
-        explain,
-        cls_weight,
-        found,
-        threads=state.rerank_threads(),
-    )
+    options = {
+        "k": k,
+        "candidates": candidates,
+        "rerank": rerank,
+        "explain": explain,
+        "cls_weight": rerank_defaults(state.card).cls_weight,
+        "timings": found,
+        "threads": state.rerank_threads(),  # read now, while this request is in flight
+    }
     check_deadline("search", state.settings.request_timeout_s)
-    bound = state.settings.max_queue_wait_ms / 1000
+    waiting = bounded_wait(
+        "search", state.settings.max_queue_wait_ms / 1000, lambda: state.store.search(query, **options)
+    )
     try:
-        hits = await asyncio.get_running_loop().run_in_executor(
-            state.search_pool, bounded_wait("search", bound, search)
-        )
+        hits = await asyncio.get_running_loop().run_in_executor(state.search_pool, waiting)
     except Shed as exc:
         raise overloaded(str(exc)) from None
     for stage, seconds in found.items():
         metrics.STAGE_LATENCY.labels(stage).observe(seconds)
         timings[stage] = _ms(seconds)
-    results = []
-    keep = q_mask.astype(bool) if q_mask is not None else None
-    for h in hits:
-        row = {
-            "id": h.id,
-            "score": h.score,
-            "cls_score": h.cls_score,
-            "cmli_score": h.cmli_score,
-            "metadata": h.metadata,
-        }
-        if explain and h.similarities is not None:
-            sims = h.similarities  # [words, patches]: the heatmap of each word
-            labels = [w for w, k_ in zip(words, keep, strict=False) if k_] if words else list(range(len(sims)))
-            row["matches"] = [
-                {
-                    "token": str(label),
-                    "patch": int(s.argmax()),
-                    "score": float(s.max()),
-                    "heatmap": np.round(s, 4).tolist(),
-                }
-                for label, s in zip(labels, sims, strict=True)
-            ]
-            row["grid"] = state.card["image"]["grid"] // state.store.config.patch_pool
-        results.append(row)
-    return results
+    return [_hit(h, state.store.grid) for h in hits]
+
+
+def _hit(h: SearchHit, grid: int | None) -> dict:
+    row = {"id": h.id, "score": h.score, "cls_score": h.cls_score, "cmli_score": h.cmli_score, "metadata": h.metadata}
+    if h.words is not None:
+        row["matches"] = [
+            {"token": w.label, "patch": w.best, "score": w.score, "heatmap": np.round(w.heatmap, 4).tolist()}
+            for w in h.words
+        ]
+        row["grid"] = grid
+    return row
 
 
 @router.post("/search/text", response_model_exclude_unset=True)  # optional parts only when asked for
@@ -85,15 +71,14 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
     """Text -> CLS ANN for `candidates` -> CMLI rerank -> top k. `explain` adds, per result, the patch
     each query word matched and its similarity over all patches."""
     start = time.perf_counter()
-    query = check_text(state, body.query)
+    text = check_text(state, body.query)
     k, candidates = check_k(state, body.k, body.candidates)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    (emb,), (truncated,), (words,) = await embed_texts(state, [query])
+    (emb,), (truncated,), (words,) = await embed_texts(state, [text])
     timings["encode"] = _ms(time.perf_counter() - t0)
-    results = await _search(
-        state, emb.cls, emb.tokens, emb.mask, k, candidates, body.rerank, body.explain, timings, words
-    )
+    query = Query(emb.cls, emb.tokens, emb.mask, words)
+    results = await _search(state, query, k, candidates, body.rerank, body.explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
     return {"results": results, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
 
@@ -116,7 +101,7 @@ async def search_image(
     t0 = time.perf_counter()
     emb = await embed_image(state, pixels)
     timings["encode"] = _ms(time.perf_counter() - t0)
-    mask = np.ones(len(emb.patches), dtype=np.float32)
-    results = await _search(state, emb.cls, emb.patches, mask, k, candidates, rerank, explain, timings)
+    query = Query(emb.cls, emb.patches, np.ones(len(emb.patches), dtype=np.float32))  # labels: patch indices
+    results = await _search(state, query, k, candidates, rerank, explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
     return {"results": results, "candidates": candidates, "timings_ms": timings}
