@@ -50,10 +50,15 @@ class RerankDefaults:
     cls_weight: float  # final score = cls_weight * CLS + (1 - cls_weight) * CMLI
 
 
+# what a card without a `rerank` section (exported by hand, or by an older version) gets; the
+# export writes the same when training recorded no choice
+DEFAULT_CANDIDATES, DEFAULT_CLS_WEIGHT = 20, 0.5
+
+
 def rerank_defaults(card: dict[str, Any]) -> RerankDefaults:
-    """The model's own K and score mix, chosen on val at export (model.json `rerank`). Why the
-    fallbacks: a card exported by hand may lack the section; K = 100 and an even mix are safe."""
+    """The model's own K and score mix, chosen on val at export (model.json `rerank`)."""
     rerank = card.get("rerank", {})
     return RerankDefaults(
-        candidates=int(rerank.get("candidates", 100)), cls_weight=float(rerank.get("cls_weight", 0.5))
+        candidates=int(rerank.get("candidates", DEFAULT_CANDIDATES)),
+        cls_weight=float(rerank.get("cls_weight", DEFAULT_CLS_WEIGHT)),
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from index import VectorStore, one_thread_per_search
-from runtime.modelcard import load_model_card, store_config
+from runtime.modelcard import load_model_card, rerank_defaults, store_config
 from runtime.tokenizer import TextTokenizer
 from service import metrics
 from service.batching import BatchedEncoders
@@ -64,6 +64,7 @@ def load_state(state: AppState) -> None:
     threads = s.search_threads or available_cores()
     state.search_pool = ThreadPoolExecutor(threads, thread_name_prefix="search", initializer=one_thread_per_search)
     state.card, state.encoders, state.store = card, encoders, store
+    state.rerank = rerank_defaults(card)
     metrics.ITEMS.set(len(store))
     metrics.MODEL.info(
         {

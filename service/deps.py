@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Header, Request
 
 from index import VectorStore
+from runtime.modelcard import RerankDefaults
 from runtime.tokenizer import TextTokenizer
 from service.batching import BatchedEncoders, QueueFull
 from service.deadline import Shed, overloaded, remaining
@@ -32,6 +33,7 @@ def available_cores() -> int:
 class AppState:
     settings: Settings
     card: dict[str, Any] | None = None
+    rerank: RerankDefaults | None = None  # the card's K and score mix, read once at load
     encoders: BatchedEncoders | None = None
     store: VectorStore | None = None
     tokenizer: TextTokenizer | None = None

@@ -27,6 +27,7 @@ from torch import nn
 from model.checkpoint import load_checkpoint
 from model.emkum import Emkum
 from model.pretrained import minilm_dir
+from runtime.modelcard import DEFAULT_CANDIDATES, DEFAULT_CLS_WEIGHT
 from training.quantize import (
     INT8_TEXT_TOLERANCE,
     INT8_TOLERANCE,
@@ -201,8 +202,8 @@ def model_card(
             "vocab_size": cfg.text.vocab_size,
         },
         "rerank": {
-            "cls_weight": float(val.get("cls_weight", 0.5)),
-            "candidates": int(val.get("candidates", 20)),
+            "cls_weight": float(val.get("cls_weight", DEFAULT_CLS_WEIGHT)),
+            "candidates": int(val.get("candidates", DEFAULT_CANDIDATES)),
         },
         "metrics": {"val": {k: val[k] for k in ("cls", "rerank", "cmli_only") if k in val}},
         # where the CMLI / explain vectors come from: None = the shared block's projection, else the

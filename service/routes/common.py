@@ -14,7 +14,6 @@ from starlette.concurrency import run_in_threadpool
 from runtime.encoders import ImageEmbedding, TextEmbedding
 from runtime.images import PixelBudget
 from runtime.ingest import PreparedImage, prepare_image
-from runtime.modelcard import rerank_defaults
 from service import metrics
 from service.deps import AppState, run_encoder
 from service.errors import ApiError
@@ -136,7 +135,7 @@ def check_k(state: AppState, k: int, candidates: int | None) -> tuple[int, int]:
     """k and the number of CLS candidates to rerank (at least k; the model's own number if unset)."""
     s = state.settings
     if candidates is None:
-        candidates = rerank_defaults(state.card).candidates
+        candidates = state.rerank.candidates
     if not 1 <= k <= s.max_k:
         raise ApiError(422, "k_out_of_range", f"k must be between 1 and {s.max_k}, got {k}")
     if not 1 <= candidates <= s.max_candidates:

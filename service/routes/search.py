@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BeforeValidator
 
 from index import Query, SearchHit
-from runtime.modelcard import rerank_defaults
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
 from service.deps import AppState, get_state
@@ -37,7 +36,7 @@ async def _search(
         "candidates": candidates,
         "rerank": rerank,
         "explain": explain,
-        "cls_weight": rerank_defaults(state.card).cls_weight,
+        "cls_weight": state.rerank.cls_weight,
         "timings": found,
         "threads": state.rerank_threads(),  # read now, while this request is in flight
     }
