@@ -119,6 +119,13 @@ def load_bert_text(text: TextTransformer, folder: Path | None = None) -> None:
     _copy(text.token_embed.weight, sd["embeddings.word_embeddings.weight"], "token_embed")
     pos = sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0]
     _copy(text.pos_embed.weight, pos[: text.cfg.max_positions], "pos_embed")
+    if text.cfg.cls_zero_position:
+        # seed 000 eq. 14: [T_CLS] has no positional encoding. BERT gave it position 0 (and the
+        # segment embedding, folded into positions above); fold both into the [T_CLS] token's own
+        # embedding, as the vision loader does for [I_CLS]: the same numbers reach the encoder, and
+        # the model is the one the equation describes ([T_CLS] only ever sits at position 0)
+        with torch.no_grad():
+            text.token_embed.weight[text.cfg.cls_token_id] += pos[0]
     _copy(text.embed_norm.weight, sd["embeddings.LayerNorm.weight"], "embed_norm.weight")
     _copy(text.embed_norm.bias, sd["embeddings.LayerNorm.bias"], "embed_norm.bias")
     for i, block in enumerate(text.blocks):

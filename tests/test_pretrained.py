@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,36 @@ def test_relative_position_index_matches_transformers():
     for grid in (2, 5):
         theirs = BeitRelativePositionBias.generate_relative_position_index((grid, grid))
         torch.testing.assert_close(relative_position_index(grid), theirs.long())
+
+
+def test_the_default_model_gives_t_cls_no_position_with_identical_outputs():
+    """Seed 000 eq. 14 (issue #16): the shipped config has cls_zero_position, and folding BERT's
+    position 0 and segment embedding into the [T_CLS] token embedding leaves every output as it was
+    with them added at position 0."""
+    import copy
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from model.checkpoint import build_model, load_checkpoint, read_header
+    from model.pretrained import minilm_dir
+    from runtime.tokenizer import TextTokenizer
+
+    weights = Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
+    shipped, header = load_checkpoint(weights)
+    assert header["config"].text.cls_zero_position
+    unfolded_cfg = copy.deepcopy(read_header(weights)["config"])
+    unfolded_cfg.text = dataclasses.replace(unfolded_cfg.text, cls_zero_position=False)
+    unfolded = build_model(unfolded_cfg, header["init"], header["seed"])
+    unfolded.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()}, strict=False)
+    unfolded.eval()
+    tok = TextTokenizer(minilm_dir() / "tokenizer.json", 64)
+    batch = tok(["a dog runs on the beach", "two children play football in a park at dusk"])
+    ids, mask = torch.from_numpy(batch.ids), torch.from_numpy(batch.mask)
+    with torch.no_grad():
+        a, b = shipped.encode_text(ids, mask, with_kd=False), unfolded.encode_text(ids, mask, with_kd=False)
+        torch.testing.assert_close(a.cls, b.cls, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=0, atol=1e-6)
+        shipped.text.pos_embed.weight[0].normal_()  # position 0 is not read any more
+        torch.testing.assert_close(shipped.encode_text(ids, mask, with_kd=False).cls, a.cls, rtol=0, atol=0)
