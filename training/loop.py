@@ -8,12 +8,11 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoint import InitRecipe, build_model, save_checkpoint
@@ -25,7 +24,7 @@ from training.augment import normalize, random_resized_crop_flip
 from training.config import TrainConfig
 from training.data import load_images, read_spec
 from training.evaluate import embed_split, evaluate_embeddings
-from training.losses import ContrastiveLoss, cmli_contrastive_loss, kd_loss, target_cmli_loss
+from training.losses import Objective, build_objectives
 from training.teacher import Teacher, build_teacher
 
 
@@ -119,15 +118,41 @@ def teacher_targets(teacher: Teacher, images: np.ndarray, device: str, batch: in
     return torch.cat(glob), torch.cat(patch)
 
 
-def pooled_patches(hidden_patches: torch.Tensor, grid: int, target_n: int) -> torch.Tensor:
-    """Average-pool the student's patch grid down to the teacher's grid (16x16 -> 7x7)."""
-    b, _n, d = hidden_patches.shape
-    side = round(target_n**0.5)
-    x = hidden_patches.transpose(1, 2).reshape(b, d, grid, grid)
-    return F.adaptive_avg_pool2d(x, side).flatten(2).transpose(1, 2)
+@dataclass
+class Run:
+    """Everything one training run holds between its epochs (train() below walks through it)."""
+
+    cfg: TrainConfig
+    device: str
+    rank: int
+    world: int
+    distributed: bool
+    out_dir: Path
+    mcfg: object
+    init: InitRecipe
+    model: torch.nn.Module  # the DDP wrapper when distributed
+    raw_model: Emkum
+    train_split: SplitTensors
+    val_split: SplitTensors | None
+    objectives: list[Objective]
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    trainable: set[str]
+    autocast: torch.autocast
+    log: object | None
+    start_epoch: int = 0
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
-def train(cfg: TrainConfig) -> dict:
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, seeds, model and its freezing, data, teacher targets, objectives, optimiser
+    and schedule, and the state of an interrupted run to resume from."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -137,10 +162,9 @@ def train(cfg: TrainConfig) -> dict:
     else:
         rank, world = 0, 1
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    is_main = rank == 0
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
+    if rank == 0:
         (out_dir / "train_config.json").write_text(cfg.model_dump_json(indent=2))
 
     torch.manual_seed(cfg.seed)
@@ -165,148 +189,184 @@ def train(cfg: TrainConfig) -> dict:
     teacher = build_teacher(cfg.teacher).to(device) if use_kd else None
     if use_kd and teacher is None:
         raise ValueError("KD or Target-CMLI weights are set but no teacher is configured")
-    t_glob = t_patch = None
+    targets = None
     if teacher is not None:
-        t_glob, t_patch = teacher_targets(teacher, train_split.images, device)
+        targets = teacher_targets(teacher, train_split.images, device)
         del teacher
 
     raw_model = model
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optim = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    per_rank = cfg.batch_size // world
     steps_per_epoch = len(train_split.images) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: cosine_with_warmup(s, total, int(cfg.warmup_fraction * total))
     )
-    contrastive = ContrastiveLoss()
-    start_epoch, best, history = 0, None, []
+    trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
+    trainable |= {n for n, _ in raw_model.named_buffers()}
+    run = Run(
+        cfg=cfg,
+        device=device,
+        rank=rank,
+        world=world,
+        distributed=distributed,
+        out_dir=out_dir,
+        mcfg=mcfg,
+        init=init,
+        model=model,
+        raw_model=raw_model,
+        train_split=train_split,
+        val_split=val_split,
+        objectives=build_objectives(cfg.loss, raw_model, mcfg.vision.grid, targets),
+        optim=optim,
+        sched=sched,
+        steps_per_epoch=steps_per_epoch,
+        trainable=trainable,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda")),
+        log=(out_dir / "metrics.jsonl").open("a") if rank == 0 else None,
+    )
     resume = out_dir / "last.pt"
     if resume.is_file():  # exact resume at an epoch boundary
         state = torch.load(resume, map_location=device, weights_only=False)
         raw_model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
-        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        run.start_epoch, run.best, run.history = state["epoch"], state["best"], state["history"]
         torch.set_rng_state(state["rng"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.startswith("cuda"))
-    log = (out_dir / "metrics.jsonl").open("a") if is_main else None
-    mean, std = mcfg.vision.mean, mcfg.vision.std
-    trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
-    trainable |= {n for n, _ in raw_model.named_buffers()}
-    t_start = time.time()
-    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        model.train()
-        rng = np.random.default_rng(cfg.seed * 1000 + epoch)  # data order depends on (seed, epoch) only
-        order = rng.permutation(len(train_split.images))
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][rank * per_rank : (rank + 1) * per_rank]
-            caps = np.array([rng.choice(train_split.image_captions[i]) for i in idx])
-            px = torch.from_numpy(train_split.images[idx]).to(device).permute(0, 3, 1, 2).float() / 255
-            px = normalize(random_resized_crop_flip(px, generator=gen), mean, std)
-            width = int(train_split.mask[caps].sum(1).max())
-            ids = torch.from_numpy(train_split.ids[caps, :width]).to(device)
-            msk = torch.from_numpy(train_split.mask[caps, :width]).to(device)
-            with autocast:
-                img, txt, logit_scale = model(px, ids, msk)
-                losses = {"contrastive": contrastive(img.cls.float(), txt.cls.float(), logit_scale)}
-                if cfg.loss.kd > 0:
-                    losses["kd"] = kd_loss(img.kd, txt.kd, t_glob[idx].to(device))
-                if cfg.loss.target_cmli > 0:
-                    kd_head = raw_model.kd_head
-                    pooled = pooled_patches(img.hidden[:, 1:], mcfg.vision.grid, t_patch.shape[1])
-                    own = pooled_patches(img.patches, mcfg.vision.grid, t_patch.shape[1])  # for eq. 9's argmax
-                    losses["target_cmli"] = target_cmli_loss(
-                        kd_head(pooled), kd_head(txt.hidden), txt.token_mask, t_patch[idx].to(device), txt.tokens, own
-                    )
-                if cfg.loss.cmli_contrastive > 0:
-                    losses["cmli_contrastive"] = cmli_contrastive_loss(
-                        img.patches.float(), txt.tokens.float(), txt.token_mask.float(), logit_scale
-                    )
-                weights = cfg.loss.model_dump()
-                loss = sum(weights[k] * v for k, v in losses.items())
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optim.step()
-            sched.step()
-            if is_main:
-                row = {k: round(float(v.detach()), 5) for k, v in losses.items()}
-                row.update(
-                    epoch=epoch,
-                    step=epoch * steps_per_epoch + step,
-                    loss=round(float(loss.detach()), 5),
-                    lr=sched.get_last_lr()[0],
-                    grad_norm=round(float(grad_norm), 4),
-                    scale=round(float(raw_model.logit_scale.detach().exp()), 3),
-                )
-                log.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-        if is_main:
-            log.flush()
-        result = None
-        if is_main and val_split is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            emb = embed_split(raw_model, val_split.images, val_split.ids, val_split.mask, device)
-            result = evaluate_embeddings(emb, val_split.caption_image, cfg.eval_candidates)
-            result["epoch"] = epoch + 1
-            history.append(result)
-            print(
-                json.dumps(
-                    {
-                        "epoch": epoch + 1,
-                        "cls": result["cls"]["mean6"],
-                        "rerank": result["rerank"]["mean6"],
-                        "cls_weight": result["cls_weight"],
-                    }
-                )
+    return run
+
+
+def train_epoch(run: Run, epoch: int) -> None:
+    """One pass over the training images in an order fixed by (seed, epoch)."""
+    cfg, split, device = run.cfg, run.train_split, run.device
+    run.model.train()
+    rng = np.random.default_rng(cfg.seed * 1000 + epoch)  # data order depends on (seed, epoch) only
+    order = rng.permutation(len(split.images))
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    per_rank = cfg.batch_size // run.world
+    mean, std = run.mcfg.vision.mean, run.mcfg.vision.std
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not run.is_main)
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size][
+            run.rank * per_rank : (run.rank + 1) * per_rank
+        ]
+        caps = np.array([rng.choice(split.image_captions[i]) for i in idx])
+        px = torch.from_numpy(split.images[idx]).to(device).permute(0, 3, 1, 2).float() / 255
+        px = normalize(random_resized_crop_flip(px, generator=gen), mean, std)
+        width = int(split.mask[caps].sum(1).max())
+        ids = torch.from_numpy(split.ids[caps, :width]).to(device)
+        msk = torch.from_numpy(split.mask[caps, :width]).to(device)
+        with run.autocast:
+            img, txt, logit_scale = run.model(px, ids, msk)
+            losses = {o.name: o(img, txt, logit_scale, idx) for o in run.objectives}
+            loss = sum(o.weight * losses[o.name] for o in run.objectives)
+        run.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip)
+        run.optim.step()
+        run.sched.step()
+        if run.is_main:
+            row = {k: round(float(v.detach()), 5) for k, v in losses.items()}
+            row.update(
+                epoch=epoch,
+                step=epoch * run.steps_per_epoch + step,
+                loss=round(float(loss.detach()), 5),
+                lr=run.sched.get_last_lr()[0],
+                grad_norm=round(float(grad_norm), 4),
+                scale=round(float(run.raw_model.logit_scale.detach().exp()), 3),
             )
-            if best is None or result["rerank"]["mean6"] > best["rerank"]["mean6"]:
-                best = result
-                extra = {"val": result, "train_config": cfg.model_dump()}
-                save_checkpoint(out_dir / "best.safetensors", raw_model, init, cfg.seed, extra)
-                save_checkpoint(
-                    out_dir / "best.partial.safetensors",
-                    raw_model,
-                    init,
-                    cfg.seed,
-                    extra,
-                    only=trainable,
-                    dtype=torch.float16,
-                )
-        if is_main:
-            state = {
-                "model": raw_model.state_dict(),
-                "optim": optim.state_dict(),
-                "sched": sched.state_dict(),
+            run.log.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    if run.is_main:
+        run.log.flush()
+
+
+def evaluate_epoch(run: Run, epoch: int) -> None:
+    """Val retrieval after `epoch` (when due); a new best by rerank Mean6 is checkpointed."""
+    cfg, val = run.cfg, run.val_split
+    if not (run.is_main and val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
+        return
+    emb = embed_split(run.raw_model, val.images, val.ids, val.mask, run.device)
+    result = evaluate_embeddings(emb, val.caption_image, cfg.eval_candidates)
+    result["epoch"] = epoch + 1
+    run.history.append(result)
+    print(
+        json.dumps(
+            {
                 "epoch": epoch + 1,
-                "best": best,
-                "history": history,
-                "rng": torch.get_rng_state(),
+                "cls": result["cls"]["mean6"],
+                "rerank": result["rerank"]["mean6"],
+                "cls_weight": result["cls_weight"],
             }
-            torch.save(state, out_dir / "last.pt.tmp")
-            os.replace(out_dir / "last.pt.tmp", out_dir / "last.pt")
+        )
+    )
+    if run.best is None or result["rerank"]["mean6"] > run.best["rerank"]["mean6"]:
+        run.best = result
+        extra = {"val": result, "train_config": cfg.model_dump()}
+        save_checkpoint(run.out_dir / "best.safetensors", run.raw_model, run.init, cfg.seed, extra)
+        save_checkpoint(
+            run.out_dir / "best.partial.safetensors",
+            run.raw_model,
+            run.init,
+            cfg.seed,
+            extra,
+            only=run.trainable,
+            dtype=torch.float16,
+        )
+
+
+def save_state(run: Run, epoch: int) -> None:
+    """`last.pt` after `epoch`, written atomically: what an interrupted run resumes from, exactly."""
+    if not run.is_main:
+        return
+    state = {
+        "model": run.raw_model.state_dict(),
+        "optim": run.optim.state_dict(),
+        "sched": run.sched.state_dict(),
+        "epoch": epoch + 1,
+        "best": run.best,
+        "history": run.history,
+        "rng": torch.get_rng_state(),
+    }
+    torch.save(state, run.out_dir / "last.pt.tmp")
+    os.replace(run.out_dir / "last.pt.tmp", run.out_dir / "last.pt")
+
+
+def finish(run: Run, seconds: float) -> dict:
+    """The summary; with DDP, proof that every replica ended with the same weights."""
+    raw_model, cfg = run.raw_model, run.cfg
     summary = {
-        "best": best,
-        "history": history,
-        "seconds": round(time.time() - t_start, 1),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "best": run.best,
+        "history": run.history,
+        "seconds": round(seconds, 1),
+        "device": torch.cuda.get_device_name() if run.device.startswith("cuda") else "cpu",
         "trainable_params": sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
     }
-    if distributed:  # every replica must hold the same weights, or gradients were not synchronised
+    if run.distributed:  # every replica must hold the same weights, or gradients were not synchronised
         checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum().reshape(1)
-        replicas = [torch.zeros_like(checksum) for _ in range(world)]
+        replicas = [torch.zeros_like(checksum) for _ in range(run.world)]
         torch.distributed.all_gather(replicas, checksum)
         if not all(torch.allclose(r, replicas[0]) for r in replicas):
             raise RuntimeError(f"DDP replicas diverged: {[float(r) for r in replicas]}")
-        summary["replicas_in_sync"] = world
-    if is_main:
-        if val_split is None:  # no validation split: the last epoch is the model
-            save_checkpoint(out_dir / "best.safetensors", raw_model, init, cfg.seed, {"train_config": cfg.model_dump()})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if distributed:
+        summary["replicas_in_sync"] = run.world
+    if run.is_main:
+        if run.val_split is None:  # no validation split: the last epoch is the model
+            extra = {"train_config": cfg.model_dump()}
+            save_checkpoint(run.out_dir / "best.safetensors", raw_model, run.init, cfg.seed, extra)
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.distributed:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Set up, then for each epoch: train, evaluate (checkpointing a new best), save the state."""
+    run = setup(cfg)
+    start = time.time()
+    last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, run.start_epoch + cfg.stop_after)
+    for epoch in range(run.start_epoch, last_epoch):
+        train_epoch(run, epoch)
+        evaluate_epoch(run, epoch)
+        save_state(run, epoch)
+    return finish(run, time.time() - start)

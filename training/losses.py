@@ -84,3 +84,83 @@ def target_cmli_loss(
     per_token = ((text_token_pred.float() - chosen) ** 2).mean(-1)
     l_t2i = (per_token * token_mask).sum() / token_mask.sum().clamp_min(1.0)
     return (l_i2t + l_t2i) / 2
+
+
+def pooled_patches(hidden_patches: torch.Tensor, grid: int, target_n: int) -> torch.Tensor:
+    """Average-pool the student's patch grid down to the teacher's grid (16x16 -> 7x7)."""
+    b, _n, d = hidden_patches.shape
+    side = round(target_n**0.5)
+    x = hidden_patches.transpose(1, 2).reshape(b, d, grid, grid)
+    return F.adaptive_avg_pool2d(x, side).flatten(2).transpose(1, 2)
+
+
+class Objective:
+    """One weighted term of the training loss: `objective(img, txt, logit_scale, idx)` is its value
+    on a batch (idx: the batch's training-image indices, for the teacher's cached targets)."""
+
+    name = ""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def __call__(self, img, txt, logit_scale: torch.Tensor, idx) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Contrastive(Objective):
+    name = "contrastive"
+
+    def __init__(self, weight: float) -> None:
+        super().__init__(weight)
+        self.loss = ContrastiveLoss()
+
+    def __call__(self, img, txt, logit_scale, idx):
+        return self.loss(img.cls.float(), txt.cls.float(), logit_scale)
+
+
+class TeacherKD(Objective):
+    name = "kd"
+
+    def __init__(self, weight: float, teacher_global: torch.Tensor) -> None:
+        super().__init__(weight)
+        self.teacher_global = teacher_global
+
+    def __call__(self, img, txt, logit_scale, idx):
+        return kd_loss(img.kd, txt.kd, self.teacher_global[idx].to(img.cls.device))
+
+
+class TargetCMLI(Objective):
+    name = "target_cmli"
+
+    def __init__(self, weight: float, teacher_patches: torch.Tensor, kd_head: torch.nn.Module, grid: int) -> None:
+        super().__init__(weight)
+        self.teacher_patches, self.kd_head, self.grid = teacher_patches, kd_head, grid
+
+    def __call__(self, img, txt, logit_scale, idx):
+        n = self.teacher_patches.shape[1]
+        pooled = pooled_patches(img.hidden[:, 1:], self.grid, n)
+        own = pooled_patches(img.patches, self.grid, n)  # the student's own vectors choose the targets (eq. 9)
+        teacher = self.teacher_patches[idx].to(img.cls.device)
+        return target_cmli_loss(
+            self.kd_head(pooled), self.kd_head(txt.hidden), txt.token_mask, teacher, txt.tokens, own
+        )
+
+
+class CMLIContrastive(Objective):
+    name = "cmli_contrastive"
+
+    def __call__(self, img, txt, logit_scale, idx):
+        return cmli_contrastive_loss(img.patches.float(), txt.tokens.float(), txt.token_mask.float(), logit_scale)
+
+
+def build_objectives(weights, model, grid: int, teacher_targets: tuple | None) -> list[Objective]:
+    """The terms `weights` (training/config.py LossWeights) switches on; contrastive always (its weight
+    may be 0, it is still logged). teacher_targets: (global [I, D], patches [I, n, D]) or None."""
+    objectives: list[Objective] = [Contrastive(weights.contrastive)]
+    if weights.kd > 0:
+        objectives.append(TeacherKD(weights.kd, teacher_targets[0]))
+    if weights.target_cmli > 0:
+        objectives.append(TargetCMLI(weights.target_cmli, teacher_targets[1], model.kd_head, grid))
+    if weights.cmli_contrastive > 0:
+        objectives.append(CMLIContrastive(weights.cmli_contrastive))
+    return objectives
