@@ -253,19 +253,18 @@ def search(
     data_dir: Annotated[Path | None, typer.Option()] = None,
 ) -> None:
     """Search the index from the command line (no server needed)."""
-    from index import Query
     from runtime.modelcard import rerank_defaults
+    from runtime.query import text_query
     from service.app import load_state
     from service.deps import AppState
 
     state = AppState(settings=_settings(model_dir=model_dir, data_dir=data_dir))
     load_state(state)
-    (emb,) = state.encoders.embed_tokens_now(state.tokenizer([query]).rows())
+    batch = state.tokenizer([query])
+    (emb,) = state.encoders.embed_tokens_now(batch.rows())
     defaults = rerank_defaults(state.card)
     candidates = candidates or defaults.candidates
-    hits = state.store.search(
-        Query(emb.cls, emb.tokens, emb.mask), k, candidates, rerank, cls_weight=defaults.cls_weight
-    )
+    hits = state.store.search(text_query(emb, batch.words[0]), k, candidates, rerank, cls_weight=defaults.cls_weight)
     state.encoders.close()
     for h in hits:
         typer.echo(f"{h.score:.4f}  {h.id}  {json.dumps(h.metadata)}")

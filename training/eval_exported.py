@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index import Query, VectorStore
+from index import VectorStore
 from index.cmli import rerank_cmli
 from index.store import ItemInput
 from runtime.encoders import Encoders
 from runtime.images import decode_square, normalize
 from runtime.modelcard import load_model_card, rerank_defaults, store_config
+from runtime.query import image_query, text_query
 from runtime.tokenizer import TextTokenizer
 from training.collage import collage_groups, make_collage, patch_cells
 from training.data import read_spec, select_half
@@ -71,12 +72,7 @@ def evaluate_exported(
         for mode, rerank in (("cls", False), ("rerank", True)):
             t2i = np.array(
                 [
-                    [
-                        int(h.id)
-                        for h in image_store.search(
-                            Query(e.cls, e.tokens, e.mask), 10, candidates, rerank, cls_weight=weight
-                        )
-                    ]
+                    [int(h.id) for h in image_store.search(text_query(e), 10, candidates, rerank, cls_weight=weight)]
                     for e in tqdm(embedded, desc=f"t2i {mode}", unit="q")
                 ]
             )
@@ -85,7 +81,7 @@ def evaluate_exported(
                     [
                         int(h.id)
                         for h in text_store.search(
-                            Query(e.cls, e.patches, np.ones(len(e.patches))),
+                            image_query(e),
                             10,
                             candidates,
                             rerank,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BeforeValidator
 
 from index import Query, SearchHit
+from runtime.query import image_query, text_query
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
 from service.deps import AppState, get_state
@@ -76,7 +77,7 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
     t0 = time.perf_counter()
     (emb,), (truncated,), (words,) = await embed_texts(state, [text])
     timings["encode"] = _ms(time.perf_counter() - t0)
-    query = Query(emb.cls, emb.tokens, emb.mask, words)
+    query = text_query(emb, words)
     results = await _search(state, query, k, candidates, body.rerank, body.explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
     return {"results": results, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
@@ -100,7 +101,7 @@ async def search_image(
     t0 = time.perf_counter()
     emb = await embed_image(state, pixels)
     timings["encode"] = _ms(time.perf_counter() - t0)
-    query = Query(emb.cls, emb.patches, np.ones(len(emb.patches), dtype=np.float32))  # labels: patch indices
+    query = image_query(emb)
     results = await _search(state, query, k, candidates, rerank, explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
     return {"results": results, "candidates": candidates, "timings_ms": timings}
