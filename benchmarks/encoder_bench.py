@@ -74,7 +74,7 @@ def cpu_graphs(model_dir: Path, report: dict, flops: int, repeats: int) -> None:
     """The fp32 and int8 graphs (and any other CPU variant in model.json) as the service runs them."""
     import json
 
-    from runtime.encoders import has_variant, open_session
+    from runtime.encoders import graph_files, has_variant, open_session
     from runtime.tokenizer import TextTokenizer
 
     card = json.loads((model_dir / "model.json").read_text())
@@ -83,8 +83,8 @@ def cpu_graphs(model_dir: Path, report: dict, flops: int, repeats: int) -> None:
     rate = matmul_rate("cpu", torch.float32)
     report["cpu_fp32_matmul_gflops"] = round(rate / 1e9, 1)
     cpu = ["CPUExecutionProvider"]
-    files = {p: (card["files"]["image" + ("" if p == "fp32" else f"_{p}")]) for p in variants}
-    texts = {p: (card["files"]["text" + ("" if p == "fp32" else f"_{p}")]) for p in variants}
+    files = {p: graph_files(card, p)[0] for p in variants}
+    texts = {p: graph_files(card, p)[1] for p in variants}
     images = {p: open_session(model_dir / files[p], cpu) for p in variants}
     size = card["image"]["size"]
     rng = np.random.default_rng(0)

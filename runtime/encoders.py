@@ -42,6 +42,12 @@ def choose_precision(card: dict, preference: str, provider: str) -> str:
     return chosen if has_variant(card, chosen) else "fp32"
 
 
+def graph_files(card: dict, precision: str) -> tuple[str, str]:
+    """The (image, text) graph files of a precision variant, as model.json names them."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return card["files"][f"image{suffix}"], card["files"][f"text{suffix}"]
+
+
 def open_session(path: Path, providers: list[str], threads: int = 0, spinning: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session. Spinning is off by default: the service runs FAISS and numpy on the
     same cores between encoder calls, and ONNX Runtime's threads spinning for work steal their time."""
@@ -83,8 +89,7 @@ class Encoders:
         self.card = card
         self.providers = choose_providers(providers)
         self.precision = choose_precision(card, precision, self.providers[0])
-        suffix = "" if self.precision == "fp32" else f"_{self.precision}"
-        image_file, text_file = card["files"][f"image{suffix}"], card["files"][f"text{suffix}"]
+        image_file, text_file = graph_files(card, self.precision)
         self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
         self.text_session = open_session(model_dir / text_file, self.providers, threads, spinning)
         self.provider = self.image_session.get_providers()[0]

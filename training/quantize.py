@@ -43,31 +43,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep)
 
 
-def images_per_second(graph: Path, image_size: int, batch: int = 1, repeats: int = 5) -> float:
-    """Median images/s of `graph` on this machine's CPU (one warm-up call first)."""
-    import onnxruntime as ort
+def _median_seconds(graph: Path, feed: dict[str, np.ndarray], repeats: int) -> float:
+    """Median seconds of one call of `graph` on this machine's CPU, opened as the service opens it,
+    after one warm-up call."""
+    from runtime.encoders import open_session
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the service runs it
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
-    session.run(None, {"pixels": x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {"pixels": x})
-        times.append(time.perf_counter() - start)
-    return batch / float(np.median(times))
-
-
-def query_seconds(graph: Path, length: int, repeats: int = 20) -> float:
-    """Median seconds of one text query of `length` tokens through `graph` on this machine's CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
-    feed = {"ids": np.full((1, length), 1000, dtype=np.int64), "mask": np.ones((1, length), dtype=np.int64)}
+    session = open_session(graph, ["CPUExecutionProvider"])
     session.run(None, feed)
     times = []
     for _ in range(repeats):
@@ -75,6 +56,18 @@ def query_seconds(graph: Path, length: int, repeats: int = 20) -> float:
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def images_per_second(graph: Path, image_size: int, batch: int = 1, repeats: int = 5) -> float:
+    """Median images/s of the image graph `graph`."""
+    x = np.random.default_rng(0).normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
+    return batch / _median_seconds(graph, {"pixels": x}, repeats)
+
+
+def query_seconds(graph: Path, length: int, repeats: int = 20) -> float:
+    """Median seconds of one text query of `length` tokens through the text graph `graph`."""
+    feed = {"ids": np.full((1, length), 1000, dtype=np.int64), "mask": np.ones((1, length), dtype=np.int64)}
+    return _median_seconds(graph, feed, repeats)
 
 
 def cpu_name() -> str:
