@@ -19,7 +19,7 @@ from typing import Any
 
 from runtime.encoders import Encoders
 from service import metrics
-from service.deadline import Shed
+from service.deadline import Shed, too_late
 
 
 class QueueFull(Exception):
@@ -117,10 +117,9 @@ class MicroBatcher:
         self.last_wait = max((j.waited for j in jobs), default=0.0)
         fresh = []
         for j in jobs:
-            metrics.QUEUE_WAIT.labels(self.name).observe(j.waited)
-            if j.waited > self.max_queue_wait:
-                metrics.SHED.labels(self.name, "queue_wait").inc()
-                j.future.set_exception(Shed(self.name, j.waited, self.max_queue_wait))
+            shed = too_late(self.name, j.waited, self.max_queue_wait)
+            if shed is not None:
+                j.future.set_exception(shed)
             else:
                 fresh.append(j)
         return fresh

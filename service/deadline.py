@@ -53,17 +53,25 @@ def overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", f"{message}; retry shortly", {"Retry-After": "1"})
 
 
+def too_late(stage: str, waited_s: float, bound_s: float) -> Shed | None:
+    """Record a queue wait; the Shed to answer with when it passed the bound (counted), else None.
+    One rule for the encoders' batchers and the search threads."""
+    metrics.QUEUE_WAIT.labels(stage).observe(waited_s)
+    if waited_s <= bound_s:
+        return None
+    metrics.SHED.labels(stage, "queue_wait").inc()
+    return Shed(stage, waited_s, bound_s)
+
+
 def bounded_wait(stage: str, bound_s: float, work: Callable[[], T]) -> Callable[[], T]:
     """`work` wrapped for a thread pool: it refuses to start (Shed) if it waited in the pool's
     queue longer than `bound_s`."""
     queued = time.monotonic()
 
     def run() -> T:
-        waited = time.monotonic() - queued
-        metrics.QUEUE_WAIT.labels(stage).observe(waited)
-        if waited > bound_s:
-            metrics.SHED.labels(stage, "queue_wait").inc()
-            raise Shed(stage, waited, bound_s)
+        shed = too_late(stage, time.monotonic() - queued, bound_s)
+        if shed is not None:
+            raise shed
         return work()
 
     return run
