@@ -37,14 +37,15 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this request's path (RFC 9110's Allow): a route whose path
-    matches but whose method does not is a PARTIAL match."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    """Every method some route serves at this request's path (RFC 9110's Allow). Routers included
+    with `include_router` nest their routes, so each method is put to the top-level routes' own
+    `matches` rather than read off route objects."""
+    routes = request.app.router.routes
+    return [m for m in HTTP_METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 # the HTTP status of each runtime InputError code (runtime/images.py)

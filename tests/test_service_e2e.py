@@ -554,3 +554,11 @@ def test_host_allow_list_trusted_origins_and_protected_reads(tiny_model_dir, tmp
         assert c.post("/items", files=form, headers=trusted).status_code == 200
         r = c.post("/items", files=form, headers={**key, "Origin": "https://other.example.org"})
         assert r.status_code == 403
+
+
+def test_a_405_names_every_method_the_path_serves(client):
+    """RFC 9110: Allow lists the path's methods across all its routes (GET and POST /items are two)."""
+    for method, path, allowed in (("TRACE", "/items", "GET, POST"), ("PUT", "/items/x", "GET, DELETE")):
+        r = client.request(method, path)
+        assert r.status_code == 405 and error_of(r) == "method_not_allowed"
+        assert r.headers["allow"] == allowed
