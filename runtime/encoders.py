@@ -3,17 +3,26 @@ int8 on CPU), and the batched calls that turn pixels and token ids into vectors.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+log = logging.getLogger(__name__)
+
 
 def choose_providers(preference: str) -> list[str]:
-    """CUDA when asked for (or 'auto') and this onnxruntime build has it; CPU otherwise."""
+    """CUDA when asked for (or 'auto') and this onnxruntime build has it; CPU otherwise.
+
+    An onnxruntime-gpu build lists CUDA whether or not a GPU is there; `Encoders` finds out when the
+    first session opens. Where CUDA and cuDNN come from the nvidia-* wheels (the GPU image), they are
+    not on the loader's path: `preload_dlls` loads them from site-packages first."""
     available = ort.get_available_providers()
     if preference in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -91,6 +100,14 @@ class Encoders:
         self.precision = choose_precision(card, precision, self.providers[0])
         image_file, text_file = graph_files(card, self.precision)
         self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
+        if self.image_session.get_providers()[0] != self.providers[0]:
+            # CUDA was listed but could not start (no GPU visible, no driver): ONNX Runtime fell back
+            # to the CPU on its own, with the graphs chosen for the GPU. Choose the CPU's instead.
+            log.warning("CUDA could not start (no GPU visible?): serving on the CPU")
+            self.providers = ["CPUExecutionProvider"]
+            self.precision = choose_precision(card, precision, self.providers[0])
+            image_file, text_file = graph_files(card, self.precision)
+            self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
         self.text_session = open_session(model_dir / text_file, self.providers, threads, spinning)
         self.provider = self.image_session.get_providers()[0]
 

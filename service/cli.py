@@ -195,6 +195,26 @@ def serve(
     run_server(create_app(settings), settings)
 
 
+@app.command()
+def healthcheck(
+    port: Annotated[int | None, typer.Option(help="the service's port (default: EMKUM_PORT)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 4.0,
+) -> None:
+    """Exit 0 when the local service answers /readyz with 200, 1 otherwise: the images' HEALTHCHECK
+    (they carry no curl, and this reads the port from the same settings the service does)."""
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(port=port)
+    url = f"http://127.0.0.1:{settings.port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            typer.echo(response.read().decode())
+    except (urllib.error.URLError, OSError) as exc:
+        typer.echo(f"{url}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 @app.command("index")
 def index_folder(
     folder: Annotated[Path, typer.Argument(help="a folder of images, searched recursively")],

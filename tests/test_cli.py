@@ -106,3 +106,14 @@ def test_export_help_states_the_tolerances_the_export_applies():
     for option, value in (("--tolerance", FP32_TOLERANCE), ("--fp16-tolerance", FP16_TOLERANCE)):
         line = next(x for x in result.output.splitlines() if f"{option} " in x)
         assert re.search(rf"\[default: \(?{re.escape(f'{value:g}')}\)?\]", line), line
+
+
+def test_healthcheck_passes_only_while_the_service_is_ready(tiny_model_dir, tmp_path):
+    """The images' HEALTHCHECK: exit 1 with nothing listening, 0 once the real server is ready."""
+    from tests.server import free_port, running_server
+
+    assert CliRunner().invoke(app, ["healthcheck", "--port", str(free_port())]).exit_code == 1
+    with running_server(tiny_model_dir, tmp_path / "data", tmp_path) as srv:
+        port = srv.url.rsplit(":", 1)[1]
+        result = CliRunner().invoke(app, ["healthcheck", "--port", port])
+        assert result.exit_code == 0 and json.loads(result.stdout)["status"] == "ready"
