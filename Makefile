@@ -20,11 +20,13 @@ $(VENV)/.ready: pyproject.toml
 demo: setup
 	$(BIN)/emkum demo
 
-# A real Prometheus and a headless browser for the end-to-end tests (Debian packages).
+# A real Prometheus and a headless browser for the end-to-end tests (Debian packages), and a running
+# Docker engine for the `docker` tests (docker/engine.sh installs Debian's and starts it when absent).
 system-deps:
 	@if ! command -v promtool >/dev/null || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			prometheus chromium chromium-driver >/dev/null; fi
+	@bash docker/engine.sh
 
 test: setup system-deps
 	$(BIN)/python -m pytest
