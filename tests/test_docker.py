@@ -295,7 +295,7 @@ def test_a_read_only_data_volume_serves_search_and_refuses_writes(stack):
             assert c.delete("/items/ro-seen").status_code == 507
             assert c.get("/items/ro-seen").status_code == 200
     finally:
-        run(["docker", "rm", "-f", name], check=False)
+        run(["docker", "rm", "-f", "-v", name], check=False)
         stack.up()
 
 
@@ -324,4 +324,4 @@ def test_the_gpu_image_builds_and_falls_back_to_the_cpu_without_a_gpu(stack):
         logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
         assert "serving on the CPU" in logs.stdout + logs.stderr
     finally:
-        run(["docker", "rm", "-f", name], check=False)
+        run(["docker", "rm", "-f", "-v", name], check=False)
