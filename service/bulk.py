@@ -11,21 +11,17 @@ Writes happen in the driver, one writer per shard (SQLite takes one writer): dur
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from index import VectorStore
+from index.sharding import shard_of
 from index.store import ItemInput
 from runtime.errors import InputError
 from runtime.images import find_images
 from runtime.ingest import prepare_image
 from runtime.modelcard import load_model_card, store_config
-
-
-def shard_of(item_id: str, shards: int) -> int:
-    return zlib.crc32(item_id.encode()) % shards
 
 
 def _decode_batch(batch: dict, spec: dict, max_bytes: int, max_pixels: int) -> dict:

@@ -59,8 +59,8 @@ def test_bulk_index_on_a_local_ray_cluster(tiny_model_dir, tmp_path):
     import ray  # a dev dependency: this test runs in CI
 
     from index import StoreConfig, VectorStore
+    from index.sharding import shard_of
     from runtime.modelcard import load_model_card
-    from service.bulk import shard_of
 
     photos = tmp_path / "photos"
     photos.mkdir()
