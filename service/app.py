@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -25,9 +28,13 @@ from service.settings import Settings
 log = logging.getLogger("emkum")
 
 
-def load_state(state: AppState) -> None:
+Backends = Callable[[AppState, dict], tuple[Any, Any]]
+
+
+def local_backends(state: AppState, card: dict) -> tuple[BatchedEncoders, VectorStore]:
+    """This process's own encoders (ONNX Runtime behind micro-batchers) and store (one data
+    directory). `emkum serve-cluster` passes Serve deployments with the same methods instead."""
     s = state.settings
-    card = load_model_card(s.model_dir)
     encoders = BatchedEncoders(
         s.model_dir,
         card,
@@ -55,6 +62,13 @@ def load_state(state: AppState) -> None:
             disk_reserve_bytes=s.disk_reserve_bytes,
         ),
     )
+    return encoders, store
+
+
+def load_state(state: AppState, backends: Backends = local_backends) -> None:
+    s = state.settings
+    card = load_model_card(s.model_dir)
+    encoders, store = backends(state, card)
     state.tokenizer = TextTokenizer(s.model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
     state.thumbs = Path(s.data_dir) / "thumbnails"
     if store.read_only:
@@ -80,14 +94,15 @@ def load_state(state: AppState) -> None:
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backends: Backends = local_backends) -> FastAPI:
     settings = settings or Settings()
     state = AppState(settings=settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            load_state(state)
+            # off the event loop: the cluster's backends wait for their deployments' answers
+            await asyncio.to_thread(load_state, state, backends)
             log.info("ready: %s on %s, %d items", state.card["name"], state.encoders.provider, len(state.store))
         except Exception as exc:  # keep serving /healthz and a /readyz that says why
             reason = f"{type(exc).__name__}: {exc}"

@@ -39,6 +39,12 @@ class Health(BaseModel):
     status: str
 
 
+class ShardState(BaseModel):
+    shard: int
+    state: str = Field(description="up or down")
+    items: int | None = None
+
+
 class Ready(BaseModel):
     status: str = Field(description="ready or not_ready")
     model: str | None = None
@@ -50,6 +56,7 @@ class Ready(BaseModel):
     cls_factory: str | None = None
     patch_codec: str | None = None
     patch_pool: int | None = None
+    shards: list[ShardState] | None = Field(None, description="emkum serve-cluster: each index shard")
     error: str | None = Field(None, description="why loading failed (no filesystem paths)")
 
 
@@ -102,12 +109,16 @@ class TextSearchResults(BaseModel):
     truncated: bool = Field(description="the query was longer than the model reads")
     candidates: int
     timings_ms: dict[str, float]
+    partial: bool | None = Field(None, description="emkum serve-cluster: some shards did not answer")
+    missing_shards: list[int] | None = Field(None, description="with partial: the shards left out")
 
 
 class ImageSearchResults(BaseModel):
     results: list[Hit]
     candidates: int
     timings_ms: dict[str, float]
+    partial: bool | None = Field(None, description="emkum serve-cluster: some shards did not answer")
+    missing_shards: list[int] | None = Field(None, description="with partial: the shards left out")
 
 
 class ImageVectors(BaseModel):

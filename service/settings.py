@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     disk_reserve_bytes: int = Field(8 * 2**20, ge=0)  # kept free so that DELETE works on a full disk
     thumbnail_size: int = 256
 
+    # emkum serve-cluster: how long the ingress waits for a shard, and whether a search with a shard
+    # down answers from the others (flagged `partial`, naming `missing_shards`) or is refused with 503
+    shard_timeout_s: float = Field(10.0, gt=0)
+    partial_results: bool = True
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -32,6 +32,9 @@ def readyz(request: Request) -> JSONResponse:
             patch_codec=state.store.config.patch_codec,
             patch_pool=state.store.config.patch_pool,
         )
+        if hasattr(state.store, "shard_states"):  # emkum serve-cluster: asks every shard now
+            body["shards"] = state.store.shard_states()
+            body["items"] = len(state.store)
     elif state.load_error:
         body["error"] = state.load_error
     return JSONResponse(body, status_code=200 if state.ready else 503)

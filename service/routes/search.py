@@ -26,9 +26,10 @@ def _ms(seconds: float) -> float:
 
 async def _search(
     state: AppState, query: Query, k: int, candidates: int, rerank: bool, explain: bool, timings: dict[str, float]
-) -> list[dict]:
+) -> dict:
     """Run the store's two-stage search on a search thread (bounded wait, the request's deadline)
-    and format its hits; every number comes from the store."""
+    and format its hits; every number comes from the store. A sharded store (emkum serve-cluster)
+    may answer without some shards: the response says so (`partial`, `missing_shards`)."""
     if explain:
         check_explain(state, k, int(np.asarray(query.mask).astype(bool).sum()))
     found: dict[str, float] = {}
@@ -52,7 +53,10 @@ async def _search(
     for stage, seconds in found.items():
         metrics.STAGE_LATENCY.labels(stage).observe(seconds)
         timings[stage] = _ms(seconds)
-    return [_hit(h, state.store.grid) for h in hits]
+    answer: dict = {"results": [_hit(h, state.store.grid) for h in hits]}
+    if missing := getattr(hits, "missing_shards", None):
+        answer.update(partial=True, missing_shards=missing)
+    return answer
 
 
 def _hit(h: SearchHit, grid: int | None) -> dict:
@@ -78,9 +82,9 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
     (emb,), (truncated,), (words,) = await embed_texts(state, [text])
     timings["encode"] = _ms(time.perf_counter() - t0)
     query = text_query(emb, words)
-    results = await _search(state, query, k, candidates, body.rerank, body.explain, timings)
+    answer = await _search(state, query, k, candidates, body.rerank, body.explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
-    return {"results": results, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
+    return {**answer, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
 
 
 @router.post("/search/image", response_model_exclude_unset=True)  # optional parts only when asked for
@@ -102,6 +106,6 @@ async def search_image(
     emb = await embed_image(state, pixels)
     timings["encode"] = _ms(time.perf_counter() - t0)
     query = image_query(emb)
-    results = await _search(state, query, k, candidates, rerank, explain, timings)
+    answer = await _search(state, query, k, candidates, rerank, explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
-    return {"results": results, "candidates": candidates, "timings_ms": timings}
+    return {**answer, "candidates": candidates, "timings_ms": timings}
