@@ -315,6 +315,39 @@ def bulk_index_command(
     typer.echo(json.dumps(report, indent=2))
 
 
+@app.command("serve-cluster")
+def serve_cluster(
+    shards: Annotated[int, typer.Option(min=1, help="index shards (items go to crc32(id) % shards)")] = 2,
+    replicas: Annotated[int, typer.Option(min=1, help="replicas of each encoder and of the HTTP ingress")] = 1,
+    address: Annotated[str | None, typer.Option(help="an existing Ray cluster (default: start a local one)")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="holds shard-00, shard-01, ... (empty or from emkum bulk-index)")
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="exported model")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Serve the same HTTP API from a Ray Serve cluster: encoder replicas, one deployment per index
+    shard, searches fanned out and merged, writes routed to the id's shard. Runs until interrupted."""
+    import time
+
+    import ray
+
+    from service.cluster.app import start_cluster
+
+    settings = _settings(model_dir=model_dir, data_dir=data_dir, host=host, port=port)
+    ray.init(address=address)
+    start_cluster(settings, shards, replicas)
+    typer.echo(f"serving on http://{settings.host}:{settings.port} ({shards} shards); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
 def demo_images() -> Path:
     """Real photographs that scikit-image ships in its wheel (no download)."""
     import skimage
