@@ -43,6 +43,7 @@ class ShardState(BaseModel):
     shard: int
     state: str = Field(description="up or down")
     items: int | None = None
+    node: str | None = Field(None, description="the Ray node it runs on")
 
 
 class Ready(BaseModel):

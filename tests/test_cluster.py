@@ -35,6 +35,7 @@ QUERIES = ["a dog runs on the grass", "two people on a beach", "a red car"]
 class RunningCluster:
     url: str
     settings: Settings
+    pinned_node: str  # the raylet that offers the resource emkum-shard-1
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, headers={"X-API-Key": KEY})
@@ -67,13 +68,13 @@ def cluster(tiny_model_dir, tmp_path_factory) -> Iterator[RunningCluster]:
     from service.cluster.app import start_cluster
 
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    nodes.add_node(num_cpus=2)
+    pinned = nodes.add_node(num_cpus=2, resources={"emkum-shard-1": 1})  # shard 1's disk is on this node
     ray.init(address=nodes.address, log_to_driver=False)
     data = tmp_path_factory.mktemp("cluster-data")
     settings = Settings(model_dir=tiny_model_dir, data_dir=data, port=free_port(), api_key=KEY, shard_timeout_s=5)
     try:
         start_cluster(settings, SHARDS)
-        running = RunningCluster(f"http://127.0.0.1:{settings.port}", settings)
+        running = RunningCluster(f"http://127.0.0.1:{settings.port}", settings, pinned.node_id)
         running.wait_all_up()
         yield running
     finally:
@@ -109,6 +110,7 @@ def test_writes_land_on_the_shard_their_id_hashes_to(cluster):
         expected = {i for i in ids if shard_of(i, SHARDS) == shard}
         assert expected and cluster.shard_ids(shard) == expected  # exactly one shard each, none elsewhere
     assert ready["items"] == len(ids)
+    assert ready["shards"][1]["node"] == cluster.pinned_node  # placed by its custom resource
     assert [s["items"] for s in ready["shards"]] == [sum(shard_of(i, SHARDS) == s for i in ids) for s in range(SHARDS)]
 
 

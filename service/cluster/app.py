@@ -64,10 +64,16 @@ def store_options(settings: Settings) -> dict[str, Any]:
 
 
 def deploy_shard(settings: Settings, shard: int) -> DeploymentHandle:
-    """Deploy (or redeploy) shard i on its data directory, created empty when it does not exist."""
+    """Deploy (or redeploy) shard i on its data directory, created empty when it does not exist.
+
+    Placement: a node started with the custom resource `emkum-shard-<i>` (`ray start --resources
+    '{"emkum-shard-0": 1}'`) is where shard i must run - the node whose disk holds its directory.
+    Without one, Ray places it anywhere, which needs the directory on storage every node mounts."""
     directory = shard_dir(settings.data_dir, shard)
-    app = Shard.bind(shard, str(directory.resolve()), str(Path(settings.model_dir).resolve()), store_options(settings))
-    return serve.run(app, name=shard_app_name(shard), route_prefix=None)
+    pin = shard_app_name(shard)
+    actor = {"num_cpus": 0.25, "resources": {pin: 0.01} if pin in ray.cluster_resources() else {}}
+    args = (shard, str(directory.resolve()), str(Path(settings.model_dir).resolve()), store_options(settings))
+    return serve.run(Shard.options(ray_actor_options=actor).bind(*args), name=pin, route_prefix=None)
 
 
 def start_cluster(settings: Settings, shards: int, replicas: int = 1, gpus: float | None = None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from index import VectorStore
@@ -63,6 +64,7 @@ class Shard:
     def info(self) -> dict[str, Any]:
         return {
             "shard": self.shard,
+            "node": ray.get_runtime_context().get_node_id(),
             "items": len(self.store),
             "grid": self.store.grid,
             "read_only": self.store.read_only,

@@ -136,7 +136,9 @@ class ShardedStore:
         infos, _ = self._fan_out("info")
         self._counts.update({s: i["items"] for s, i in infos.items()})
         return [
-            {"shard": s, "state": "up", "items": infos[s]["items"]} if s in infos else {"shard": s, "state": "down"}
+            {"shard": s, "state": "up", "items": infos[s]["items"], "node": infos[s]["node"]}
+            if s in infos
+            else {"shard": s, "state": "down"}
             for s in range(len(self.shards))
         ]
 
