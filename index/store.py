@@ -32,7 +32,7 @@ import numpy as np
 from index.cls_index import ClsIndex
 from index.cmli import cmli_from_similarities, split_similarities
 from index.codecs import PatchCodec
-from index.database import is_write_refusal, open_database
+from index.database import is_write_refusal, open_database, open_read_only
 from index.errors import CorruptStoreFile, DuplicateItem, ReadOnlyStore, StoreMismatch, UnknownItem
 from index.pooling import pool_patches
 from index.snapshot import SnapshotIdentity, UnreadableSnapshot, read_snapshot, write_snapshot
@@ -117,7 +117,9 @@ class ItemInput:
 
 
 class VectorStore:
-    def __init__(self, path: str | Path, config: StoreConfig) -> None:
+    def __init__(self, path: str | Path, config: StoreConfig, follow: bool = False) -> None:
+        """`follow`: open another process's directory read-only and keep up with its writer's commits
+        (`catch_up`, called before each search): a read replica of a shard."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config = replace(config)  # codec and pool are resolved against the directory below
@@ -126,19 +128,76 @@ class VectorStore:
         self.reserve_path = self.path / "space.reserve"
         self._lock = threading.RLock()
         self.snapshot_warning: str | None = None  # why the CLS snapshot was not used, when it was not
-        # A directory that refuses writes opens read-only: search serves what it holds.
-        self._db, self.read_only_reason = open_database(self.db_path)
+        self.follower = follow
+        if follow:
+            self.read_only_reason: str | None = "a read replica: its writer is another process"
+            self._db = open_read_only(self.db_path, self.read_only_reason)
+        else:
+            # A directory that refuses writes opens read-only: search serves what it holds.
+            self._db, self.read_only_reason = open_database(self.db_path)
         self.read_only = self.read_only_reason is not None
         self._check_meta()
+        self._load_state()
+        self._changes_since_snapshot = 0
+        self._ensure_reserve()
+
+    def _load_state(self) -> None:
+        """Everything in memory from the table: codec, codes, id maps, the CLS index; for a follower
+        also where in the writer's history that view stands."""
+        self._seen = self._history_position()
         self.codec = self._load_codec()
-        self._staging = PatchCodec("SQfp16", config.dim)  # rows are fp16 until `codec` is trained
+        self._staging = PatchCodec("SQfp16", self.config.dim)  # rows are fp16 until `codec` is trained
         self._iid_of: dict[str, int] = {}
         self._id_of: dict[int, str] = {}
         self._codes: dict[int, np.ndarray] = {}
         self._load_items()
         self._cls = self._load_cls_index()
-        self._changes_since_snapshot = 0
-        self._ensure_reserve()
+
+    def _history_position(self) -> tuple[int, int]:
+        """(SQLite's data_version, the last change number): what `catch_up` compares against."""
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+        return version, max(seq, self._recorded_snapshot_seq())
+
+    def catch_up(self) -> bool:
+        """A follower applies the writer's commits since it last looked; True when anything changed.
+
+        Costs one PRAGMA when nothing did. Adds and deletes come from the change log; when the writer
+        has since snapshotted past this view (the log before the snapshot is dropped) or trained its
+        codec (every row re-encoded, not logged), the whole state is read again."""
+        if not self.follower:
+            return False
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._seen[0]:
+                return False
+            _, seen_seq = self._seen
+            trained = self._meta("codec") is not None
+            if trained != self.codec.is_trained or self._recorded_snapshot_seq() > seen_seq:
+                self._load_state()
+                return True
+            changes = self._db.execute(
+                "SELECT seq, op, iid FROM changes WHERE seq > ? ORDER BY seq", (seen_seq,)
+            ).fetchall()
+            for seq, op, iid in changes:
+                seen_seq = seq
+                if op == "del":
+                    item_id = self._id_of.get(iid)
+                    if item_id is not None:
+                        self._forget(iid)
+                        if self._iid_of.get(item_id) == iid:
+                            del self._iid_of[item_id]
+                    continue
+                row = self._db.execute("SELECT id, cls, codes, n_vectors FROM items WHERE iid = ?", (iid,)).fetchone()
+                if row is None or iid in self._id_of:  # deleted again since, or already here
+                    continue
+                item_id, cls, codes, n = row
+                self._iid_of[item_id] = iid
+                self._id_of[iid] = item_id
+                self._codes[iid] = np.frombuffer(codes, dtype=np.uint8).reshape(n, -1)
+                self._cls.add([(iid, np.frombuffer(cls, dtype=np.float32))])
+            self._seen = (version, seen_seq)
+            return True
 
     def check_writable(self) -> None:
         """Refuse a write up front (ReadOnlyStore) when the store was opened read-only."""
@@ -525,6 +584,7 @@ class VectorStore:
         candidates = max(candidates, k)
         timings = {} if timings is None else timings
         start = time.perf_counter()
+        self.catch_up()  # a follower sees every write its writer acknowledged before this search
         with self._lock:
             iids, cls_scores = self._cls.search(query.cls, candidates)
             codes = [self._codes[i] for i in iids]

@@ -319,6 +319,9 @@ def bulk_index_command(
 def serve_cluster(
     shards: Annotated[int, typer.Option(min=1, help="index shards (items go to crc32(id) % shards)")] = 2,
     replicas: Annotated[int, typer.Option(min=1, help="replicas of each encoder and of the HTTP ingress")] = 1,
+    shard_replicas: Annotated[
+        int, typer.Option(min=0, help="read replicas per shard (0: each shard's writer serves its reads)")
+    ] = 0,
     address: Annotated[str | None, typer.Option(help="an existing Ray cluster (default: start a local one)")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="holds shard-00, shard-01, ... (empty or from emkum bulk-index)")
@@ -337,7 +340,7 @@ def serve_cluster(
 
     settings = _settings(model_dir=model_dir, data_dir=data_dir, host=host, port=port)
     ray.init(address=address)
-    start_cluster(settings, shards, replicas)
+    start_cluster(settings, shards, replicas, shard_replicas)
     typer.echo(f"serving on http://{settings.host}:{settings.port} ({shards} shards); Ctrl-C stops")
     try:
         while True:

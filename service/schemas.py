@@ -41,7 +41,7 @@ class Health(BaseModel):
 
 class ShardState(BaseModel):
     shard: int
-    state: str = Field(description="up or down")
+    state: str = Field(description="up, reads_only (its writer is down; searches whole, writes refused) or down")
     items: int | None = None
     node: str | None = Field(None, description="the Ray node it runs on")
 

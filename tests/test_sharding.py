@@ -69,3 +69,40 @@ def test_merge_of_cls_only_searches_is_the_cls_order(tmp_path, rng):
     expected = whole.search(query, k=10, candidates=10, rerank=False)
     merged = merge_shard_hits([p.search(query, k=10, candidates=10, rerank=False) for p in parts], 10, 10)
     assert [h.id for h in merged] == [h.id for h in expected]
+
+
+def test_a_follower_sees_every_commit_of_its_writer(tmp_path, rng):
+    """A shard's read replica: the writer's adds, updates and deletes, its snapshot (which drops the
+    change log the follower read from) and its codec training (which rewrites every row) all show up
+    in the follower's next search, as the writer's own search shows them."""
+    config = StoreConfig(
+        dim=DIM, model="m", patch_codec="SQ8", use_gpu=False, snapshot_every=25, codec_training_vectors=400
+    )
+    writer = VectorStore(tmp_path / "shard", config)
+    writer.add([random_item(rng, f"a{i}") for i in range(10)])
+    follower = VectorStore(tmp_path / "shard", config, follow=True)
+    assert follower.read_only and len(follower) == 10
+    query = Query(unit(rng.normal(size=DIM)), unit(rng.normal(size=(3, DIM))), np.ones(3), ["x", "y", "z"])
+
+    def same_answer() -> None:
+        want = writer.search(query, k=8, candidates=20)
+        got = follower.search(query, k=8, candidates=20)
+        assert [h.id for h in got] == [h.id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-6)
+        assert len(follower) == len(writer)
+
+    same_answer()
+    writer.add([random_item(rng, f"b{i}") for i in range(5)])  # adds
+    writer.add([random_item(rng, "a3")])  # an update: a new row for an old id
+    writer.delete("a4")
+    same_answer()
+    assert "a4" not in follower and "b2" in follower
+    assert not follower.codec.is_trained
+    writer.add([random_item(rng, f"c{i}") for i in range(40)])  # 55 items x 9 vectors: trains SQ8
+    assert writer.codec.is_trained and writer._recorded_snapshot_seq() > 0  # and snapshotted
+    same_answer()
+    assert follower.codec.is_trained
+    for i in range(30):  # past another snapshot, between two looks
+        writer.delete(f"c{i}")
+    same_answer()
+    assert follower.catch_up() is False  # nothing new: one PRAGMA

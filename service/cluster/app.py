@@ -18,7 +18,7 @@ from ray.serve.handle import DeploymentHandle
 
 from runtime.modelcard import load_model_card
 from service.app import create_app
-from service.cluster.deployments import ImageEncoder, Shard, TextEncoder, shard_app_name
+from service.cluster.deployments import ImageEncoder, Shard, TextEncoder, reader_app_name, shard_app_name
 from service.cluster.remote import RemoteEncoders, ShardedStore
 from service.deps import AppState
 from service.settings import Settings
@@ -33,19 +33,27 @@ def shard_dir(data_dir: Path, shard: int) -> Path:
 
 
 def cluster_backends(
-    state: AppState, card: dict, shards: int, image: DeploymentHandle, text: DeploymentHandle
+    state: AppState,
+    card: dict,
+    shards: int,
+    readers: bool,
+    image: DeploymentHandle,
+    text: DeploymentHandle,
 ) -> tuple[RemoteEncoders, ShardedStore]:
     s = state.settings
-    handles = [serve.get_app_handle(shard_app_name(i)) for i in range(shards)]
-    return RemoteEncoders(image, text), ShardedStore(handles, s.shard_timeout_s, s.partial_results)
+    writers = [serve.get_app_handle(shard_app_name(i)) for i in range(shards)]
+    followers = [serve.get_app_handle(reader_app_name(i)) for i in range(shards)] if readers else None
+    return RemoteEncoders(image, text), ShardedStore(writers, s.shard_timeout_s, s.partial_results, followers)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress()
 class Ingress:
-    def __init__(self, settings: dict[str, Any], shards: int, image: DeploymentHandle, text: DeploymentHandle) -> None:
+    def __init__(
+        self, settings: dict[str, Any], shards: int, readers: bool, image: DeploymentHandle, text: DeploymentHandle
+    ) -> None:
         self.settings = Settings(**settings)
-        self.backends = functools.partial(cluster_backends, shards=shards, image=image, text=text)
+        self.backends = functools.partial(cluster_backends, shards=shards, readers=readers, image=image, text=text)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.settings, self.backends)
@@ -63,27 +71,36 @@ def store_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def deploy_shard(settings: Settings, shard: int) -> DeploymentHandle:
-    """Deploy (or redeploy) shard i on its data directory, created empty when it does not exist.
+def deploy_shard(settings: Settings, shard: int, readers: int = 0) -> DeploymentHandle:
+    """Deploy (or redeploy) shard i on its data directory, created empty when it does not exist, and
+    `readers` read replicas of it (after the writer: a follower opens a directory the writer made).
 
     Placement: a node started with the custom resource `emkum-shard-<i>` (`ray start --resources
-    '{"emkum-shard-0": 1}'`) is where shard i must run - the node whose disk holds its directory.
-    Without one, Ray places it anywhere, which needs the directory on storage every node mounts."""
+    '{"emkum-shard-0": 1}'`) is where shard i's replicas must run - the node whose disk holds its
+    directory. Without one, Ray places them anywhere, which needs the directory on storage every
+    node mounts."""
     directory = shard_dir(settings.data_dir, shard)
     pin = shard_app_name(shard)
     actor = {"num_cpus": 0.25, "resources": {pin: 0.01} if pin in ray.cluster_resources() else {}}
     args = (shard, str(directory.resolve()), str(Path(settings.model_dir).resolve()), store_options(settings))
-    return serve.run(Shard.options(ray_actor_options=actor).bind(*args), name=pin, route_prefix=None)
+    handle = serve.run(Shard.options(ray_actor_options=actor).bind(*args), name=pin, route_prefix=None)
+    if readers:
+        follower = Shard.options(name="ShardReader", num_replicas=readers, ray_actor_options=actor)
+        serve.run(follower.bind(*args, follow=True), name=reader_app_name(shard), route_prefix=None)
+    return handle
 
 
-def start_cluster(settings: Settings, shards: int, replicas: int = 1, gpus: float | None = None) -> None:
+def start_cluster(
+    settings: Settings, shards: int, replicas: int = 1, shard_readers: int = 0, gpus: float | None = None
+) -> None:
     """Everything on the Ray cluster this process is connected to (ray.init first); returns once the
-    ingress is ready. `gpus`: per encoder replica (None: one each when the cluster has GPUs)."""
+    ingress is ready. `shard_readers`: read replicas per shard (0: the writer serves reads too).
+    `gpus`: per encoder replica (None: one each when the cluster has GPUs)."""
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     serve.start(http_options={"host": settings.host, "port": settings.port})
     for shard in range(shards):
-        deploy_shard(settings, shard)
+        deploy_shard(settings, shard, shard_readers)
     model_dir = str(Path(settings.model_dir).resolve())
     args = (model_dir, settings.providers, settings.precision, settings.intra_op_threads)
     encoder = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": gpus}}
@@ -95,5 +112,5 @@ def start_cluster(settings: Settings, shards: int, replicas: int = 1, gpus: floa
     config.update(model_dir=model_dir, data_dir=str(Path(settings.data_dir).resolve()))  # replicas' cwd differs
     config["api_key"] = settings.api_key.get_secret_value() if settings.api_key else None
     config = {k: v for k, v in config.items() if v is not None}
-    ingress = Ingress.options(num_replicas=replicas).bind(config, shards, image, text)
+    ingress = Ingress.options(num_replicas=replicas).bind(config, shards, shard_readers > 0, image, text)
     serve.run(ingress, name=INGRESS_APP, route_prefix="/")

@@ -3,9 +3,11 @@ and one shard per index data directory.
 
 A shard is its own Serve application (`emkum-shard-<i>`) so that it can be deployed, replaced or
 deleted alone - what losing or moving one looks like - while the ingress keeps serving the others.
-Each shard has one replica, the only writer of its directory (SQLite and the in-memory FAISS index
+Its writer has one replica, the only writer of its directory (SQLite and the in-memory FAISS index
 take one writer); Serve's health checks restart it when it dies, and a restart reopens the directory,
-which holds every acknowledged write (the store commits before it answers)."""
+which holds every acknowledged write (the store commits before it answers). Read replicas
+(`emkum-shard-<i>-read`, any number) open the same directory as followers: they take the shard's
+searches and reads, so reads scale and go on while the writer restarts."""
 
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ from runtime.modelcard import load_model_card, store_config
 
 def shard_app_name(shard: int) -> str:
     return f"emkum-shard-{shard}"
+
+
+def reader_app_name(shard: int) -> str:
+    return f"emkum-shard-{shard}-read"
 
 
 class _Encoder:
@@ -54,14 +60,19 @@ class TextEncoder(_Encoder):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, health_check_period_s=2, health_check_timeout_s=10)
 class Shard:
-    """One data directory: the two-stage search over its items, and their durable writes."""
+    """One data directory: the two-stage search over its items, and their durable writes. With
+    `follow`, a read replica of it: the same reads, kept up with the writer's commits before each
+    one (VectorStore.catch_up), no writes."""
 
-    def __init__(self, shard: int, data_dir: str, model_dir: str, store_options: dict[str, Any]) -> None:
+    def __init__(
+        self, shard: int, data_dir: str, model_dir: str, store_options: dict[str, Any], follow: bool = False
+    ) -> None:
         card = load_model_card(Path(model_dir))
         self.shard = shard
-        self.store = VectorStore(data_dir, store_config(card, **store_options))
+        self.store = VectorStore(data_dir, store_config(card, **store_options), follow=follow)
 
     def info(self) -> dict[str, Any]:
+        self.store.catch_up()
         return {
             "shard": self.shard,
             "node": ray.get_runtime_context().get_node_id(),

@@ -81,14 +81,29 @@ class ShardedStore:
     """`VectorStore`'s interface over the shard deployments: writes routed by `shard_of(id)`, searches
     fanned out and merged (index/sharding.py says why the merge equals one store's result)."""
 
-    def __init__(self, shards: Sequence[DeploymentHandle], timeout_s: float, partial_results: bool) -> None:
+    def __init__(
+        self,
+        shards: Sequence[DeploymentHandle],
+        timeout_s: float,
+        partial_results: bool,
+        readers: Sequence[DeploymentHandle] | None = None,
+    ) -> None:
+        """`shards`: each shard's writer; `readers`: each shard's read replicas, which take the reads
+        (the writer stands in when they do not answer)."""
         self.shards = list(shards)
+        self.readers = list(readers) if readers else None
         self.timeout_s = timeout_s
         self.partial_results = partial_results
-        self._pool = ThreadPoolExecutor(max(4, len(self.shards)), thread_name_prefix="shard-call")
-        infos, missing = self._fan_out("info")
+        self._pool = ThreadPoolExecutor(max(4, 2 * len(self.shards)), thread_name_prefix="shard-call")
+        writers = {s: self._pool.submit(self._call, s, "info") for s in range(len(self.shards))}
+        infos, missing = {}, []
+        for shard, future in writers.items():  # the writers say whether writes are refused
+            try:
+                infos[shard] = future.result()
+            except ApiError:
+                missing.append(shard)
         if not infos:
-            raise RuntimeError(f"no shard answered ({len(self.shards)} expected)")
+            raise RuntimeError(f"no shard writer answered ({len(self.shards)} expected)")
         first = next(iter(infos.values()))
         self.grid: int | None = first["grid"]
         self.gpu: bool = any(i["index_on_gpu"] for i in infos.values())
@@ -96,13 +111,15 @@ class ShardedStore:
         self.config = StoreSettings(first["patch_codec"], first["patch_pool"])
         self._counts = {s: i["items"] for s, i in infos.items()}
         if missing:
-            log.warning("shards %s did not answer at start: serving the others", missing)
+            log.warning("shard writers %s did not answer at start: serving the others", missing)
 
     # -- calls --------------------------------------------------------------------------------
-    def _call(self, shard: int, method: str, *args: Any) -> Any:
-        """One shard's answer, its own errors raised as they are; unavailable: 503."""
+    def _call(self, shard: int, method: str, *args: Any, handle: DeploymentHandle | None = None) -> Any:
+        """One shard's answer (from its writer, or the handle given), its own errors raised as they
+        are; unavailable: 503."""
+        handle = handle or self.shards[shard]
         try:
-            return getattr(self.shards[shard], method).remote(*args).result(timeout_s=self.timeout_s)
+            return getattr(handle, method).remote(*args).result(timeout_s=self.timeout_s)
         except Exception as exc:
             cause = unwrap(exc)
             if isinstance(cause, DOMAIN_ERRORS):
@@ -112,9 +129,19 @@ class ShardedStore:
                 503, "shard_unavailable", f"index shard {shard} is unavailable; retry shortly", {"Retry-After": "5"}
             ) from None
 
+    def _read(self, shard: int, method: str, *args: Any) -> Any:
+        """A read: from the shard's read replicas when it has them, else (or when they do not answer)
+        from its writer."""
+        if self.readers is not None:
+            try:
+                return self._call(shard, method, *args, handle=self.readers[shard])
+            except ApiError:
+                pass
+        return self._call(shard, method, *args)
+
     def _fan_out(self, method: str, *args: Any) -> tuple[dict[int, Any], list[int]]:
-        """Every shard's answer to the same call, side by side; the shards that gave none."""
-        futures = {s: self._pool.submit(self._call, s, method, *args) for s in range(len(self.shards))}
+        """Every shard's answer to the same read, side by side; the shards that gave none."""
+        futures = {s: self._pool.submit(self._read, s, method, *args) for s in range(len(self.shards))}
         answers, missing = {}, []
         for shard, future in futures.items():
             try:
@@ -132,15 +159,22 @@ class ShardedStore:
             raise ReadOnlyStore("a shard's data directory is read-only")
 
     def shard_states(self) -> list[dict[str, Any]]:
-        """Each shard up (with its item count) or down; refreshes the counts the routes read."""
-        infos, _ = self._fan_out("info")
-        self._counts.update({s: i["items"] for s, i in infos.items()})
-        return [
-            {"shard": s, "state": "up", "items": infos[s]["items"], "node": infos[s]["node"]}
-            if s in infos
-            else {"shard": s, "state": "down"}
-            for s in range(len(self.shards))
-        ]
+        """Each shard `up`, `reads_only` (its writer is down, its read replicas answer) or `down`;
+        refreshes the item counts the routes read."""
+        writers = {s: self._pool.submit(self._call, s, "info") for s in range(len(self.shards))}
+        readers, _ = self._fan_out("info") if self.readers is not None else ({}, [])
+        states = []
+        for shard, future in writers.items():
+            try:
+                info, state = future.result(), "up"
+            except ApiError:
+                info, state = readers.get(shard), "reads_only"
+            if info is None:
+                states.append({"shard": shard, "state": "down"})
+                continue
+            self._counts[shard] = info["items"]
+            states.append({"shard": shard, "state": state, "items": info["items"], "node": info["node"]})
+        return states
 
     # -- search -------------------------------------------------------------------------------
     def search(
@@ -206,7 +240,7 @@ class ShardedStore:
         self._counts[shard] = max(0, self._counts.get(shard, 1) - 1)
 
     def get(self, item_id: str) -> dict[str, Any]:
-        return self._call(shard_of(item_id, len(self.shards)), "get", item_id)
+        return self._read(shard_of(item_id, len(self.shards)), "get", item_id)
 
     def __contains__(self, item_id: str) -> bool:
         try:
@@ -218,7 +252,7 @@ class ShardedStore:
     def list(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Items shard by shard (each in its insertion order): offsets count through shard 0 first."""
         states = self.shard_states()
-        if any(s["state"] == "down" for s in states):
+        if any(s["state"] == "down" for s in states):  # reads_only shards still list
             down = [s["shard"] for s in states if s["state"] == "down"]
             raise ApiError(503, "shards_unavailable", f"index shards {down} are unavailable", {"Retry-After": "5"})
         out: list[dict[str, Any]] = []
@@ -229,7 +263,7 @@ class ShardedStore:
             if offset >= count:
                 offset -= count
                 continue
-            out += self._call(state["shard"], "page", limit - len(out), offset)
+            out += self._read(state["shard"], "page", limit - len(out), offset)
             offset = 0
         return out
 
