@@ -117,7 +117,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from service.cluster.app import start_cluster
+    from service.cluster.app import required_cpus, start_cluster
     from service.settings import Settings
 
     card = load_model_card(args.model)
@@ -141,7 +141,9 @@ def main() -> None:
         row = measure(srv.url, args.seconds, candidates, args.concurrency, args.repeats)
         record(report, {"service": "emkum serve (one process)", **row})
     for shards in args.shards:
-        ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+        need = required_cpus(shards)  # Ray's logical CPUs; the deployments share the machine's cores
+        cpus = max(len(os.sched_getaffinity(0)), int(need + 0.999))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         try:
             settings = Settings(
                 model_dir=args.model, data_dir=roots[shards], port=free_port(), patch_codec=CODEC, patch_pool=POOL

@@ -332,23 +332,35 @@ def serve_cluster(
 ) -> None:
     """Serve the same HTTP API from a Ray Serve cluster: encoder replicas, one deployment per index
     shard, searches fanned out and merged, writes routed to the id's shard. Runs until interrupted."""
+    import os
+    import signal
+    import sys
     import time
 
     import ray
 
-    from service.cluster.app import start_cluster
+    from service.cluster.app import required_cpus, start_cluster
 
     settings = _settings(model_dir=model_dir, data_dir=data_dir, host=host, port=port)
-    ray.init(address=address)
-    start_cluster(settings, shards, replicas, shard_replicas)
-    typer.echo(f"serving on http://{settings.host}:{settings.port} ({shards} shards); Ctrl-C stops")
+    if address:
+        ray.init(address=address)
+    else:  # a local cluster reserves what the deployments need, however few cores there are
+        need = required_cpus(shards, replicas, shard_replicas)
+        ray.init(num_cpus=max(len(os.sched_getaffinity(0)), int(need + 0.999)))
+    # after ray.init, whose own handler exits with status 15: docker stop and systemd shut Serve down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
+        start_cluster(settings, shards, replicas, shard_replicas)
+        typer.echo(f"serving on http://{settings.host}:{settings.port} ({shards} shards); Ctrl-C or SIGTERM stops")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
         from ray import serve
 
         serve.shutdown()
+        ray.shutdown()
 
 
 def demo_images() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -117,3 +118,40 @@ def test_healthcheck_passes_only_while_the_service_is_ready(tiny_model_dir, tmp_
         port = srv.url.rsplit(":", 1)[1]
         result = CliRunner().invoke(app, ["healthcheck", "--port", port])
         assert result.exit_code == 0 and json.loads(result.stdout)["status"] == "ready"
+
+
+def test_serve_cluster_command_serves_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+    """The runbook's first command as a user runs it: a local Ray cluster, one shard, the HTTP API on
+    the port asked for; SIGTERM (docker stop, systemd) shuts Serve and Ray down."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.server import free_port
+
+    port = free_port()
+    env = {**os.environ, "EMKUM_MODEL_DIR": str(tiny_model_dir), "EMKUM_PRECISION": "fp32"}
+    cmd = [sys.executable, "-m", "service.cli", "serve-cluster", "--shards", "1", "--port", str(port)]
+    proc = subprocess.Popen([*cmd, "--data-dir", str(tmp_path / "cluster")], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline, ready = time.monotonic() + 180, None
+        while ready is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "serve-cluster never became ready"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                ready = r.json() if r.status_code == 200 else None
+            except httpx.TransportError:
+                time.sleep(1)
+        assert [s["state"] for s in ready["shards"]] == ["up"]
+        assert (tmp_path / "cluster" / "shard-00" / "items.sqlite").is_file()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

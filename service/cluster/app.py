@@ -26,6 +26,10 @@ from service.settings import Settings
 log = logging.getLogger("emkum")
 INGRESS_APP = "emkum"
 
+# Ray CPUs each replica reserves: the encoders do the heavy work; a shard's search is one core's
+# work for a moment; the ingress mostly waits on the others
+ENCODER_CPUS, SHARD_CPUS, INGRESS_CPUS = 0.5, 0.25, 0.25
+
 
 def shard_dir(data_dir: Path, shard: int) -> Path:
     """Where shard i keeps its data: the layout `emkum bulk-index --shards N` writes."""
@@ -46,7 +50,7 @@ def cluster_backends(
     return RemoteEncoders(image, text), ShardedStore(writers, s.shard_timeout_s, s.partial_results, followers)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+@serve.deployment(ray_actor_options={"num_cpus": INGRESS_CPUS}, max_ongoing_requests=512)
 @serve.ingress()
 class Ingress:
     def __init__(
@@ -81,7 +85,7 @@ def deploy_shard(settings: Settings, shard: int, readers: int = 0) -> Deployment
     node mounts."""
     directory = shard_dir(settings.data_dir, shard)
     pin = shard_app_name(shard)
-    actor = {"num_cpus": 0.25, "resources": {pin: 0.01} if pin in ray.cluster_resources() else {}}
+    actor = {"num_cpus": SHARD_CPUS, "resources": {pin: 0.01} if pin in ray.cluster_resources() else {}}
     args = (shard, str(directory.resolve()), str(Path(settings.model_dir).resolve()), store_options(settings))
     handle = serve.run(Shard.options(ray_actor_options=actor).bind(*args), name=pin, route_prefix=None)
     if readers:
@@ -90,12 +94,23 @@ def deploy_shard(settings: Settings, shard: int, readers: int = 0) -> Deployment
     return handle
 
 
+def required_cpus(shards: int, replicas: int = 1, shard_readers: int = 0) -> float:
+    """The Ray CPUs a deployment of this shape reserves (Serve will not schedule past them)."""
+    return 2 * replicas * ENCODER_CPUS + shards * (1 + shard_readers) * SHARD_CPUS + replicas * INGRESS_CPUS
+
+
 def start_cluster(
     settings: Settings, shards: int, replicas: int = 1, shard_readers: int = 0, gpus: float | None = None
 ) -> None:
     """Everything on the Ray cluster this process is connected to (ray.init first); returns once the
     ingress is ready. `shard_readers`: read replicas per shard (0: the writer serves reads too).
     `gpus`: per encoder replica (None: one each when the cluster has GPUs)."""
+    need, have = required_cpus(shards, replicas, shard_readers), ray.cluster_resources().get("CPU", 0)
+    if have < need:
+        raise RuntimeError(
+            f"{shards} shards x {1 + shard_readers} replicas and {replicas} encoder/ingress replicas reserve "
+            f"{need:g} Ray CPUs; this cluster has {have:g}: add nodes, or start Ray with --num-cpus {need:g}"
+        )
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -103,7 +118,7 @@ def start_cluster(
         deploy_shard(settings, shard, shard_readers)
     model_dir = str(Path(settings.model_dir).resolve())
     args = (model_dir, settings.providers, settings.precision, settings.intra_op_threads)
-    encoder = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0.5, "num_gpus": gpus}}
+    encoder = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": ENCODER_CPUS, "num_gpus": gpus}}
     image = ImageEncoder.options(**encoder).bind(*args)
     text = TextEncoder.options(**encoder).bind(*args)
     card = load_model_card(Path(model_dir))
