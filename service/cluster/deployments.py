@@ -106,4 +106,6 @@ class Shard:
     def __del__(self) -> None:
         """Serve calls this on a graceful stop: the writer snapshots its CLS index for a fast reopen
         (a follower has nothing to write; a killed replica replays the change log instead)."""
-        self.store.close()
+        store = getattr(self, "store", None)  # None when the constructor failed
+        if store is not None:
+            store.close()
