@@ -13,15 +13,33 @@ from tokenizers import Tokenizer
 
 @dataclass
 class TokenBatch:
-    ids: np.ndarray  # int64 [B, L]
-    mask: np.ndarray  # int64 [B, L]
+    """Each text's token ids as the tokenizer made them, unpadded: the encoders pad a batch once, to
+    its own longest row (runtime/encoders.py). Training stacks fixed-width matrices (`ids`, `mask`)."""
+
+    token_ids: list[np.ndarray]  # int64 [L_i] per text, [CLS] ... [SEP]
     truncated: list[bool]  # whether each text lost tokens to the length limit
     words: list[list[str]]  # the token strings, for `explain`
+    width: int  # the padded width of `ids` and `mask` (pad_to, or the longest text)
 
     def rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each text's (ids, mask) without its padding: what the text encoder takes per input."""
-        lengths = self.mask.sum(axis=1)
-        return [(self.ids[i, :n], self.mask[i, :n]) for i, n in enumerate(lengths)]
+        """Each text's (ids, mask), unpadded: what the text encoder takes per input."""
+        return [(ids, np.ones_like(ids)) for ids in self.token_ids]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 [B, width], zero-padded."""
+        out = np.zeros((len(self.token_ids), self.width), dtype=np.int64)
+        for i, row in enumerate(self.token_ids):
+            out[i, : len(row)] = row
+        return out
+
+    @property
+    def mask(self) -> np.ndarray:
+        """int64 [B, width], 1 on real tokens."""
+        out = np.zeros((len(self.token_ids), self.width), dtype=np.int64)
+        for i, row in enumerate(self.token_ids):
+            out[i, : len(row)] = 1
+        return out
 
 
 class TextTokenizer:
@@ -32,21 +50,15 @@ class TextTokenizer:
         self.tokenizer.no_truncation()
 
     def __call__(self, texts: list[str], pad_to: int | None = None) -> TokenBatch:
-        encodings = self.tokenizer.encode_batch(texts)
-        lengths = [min(len(e.ids), self.max_length) for e in encodings]
-        width = pad_to or max(lengths)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
-        truncated, words = [], []
-        for i, enc in enumerate(encodings):
-            tokens = list(enc.ids)
-            strings = list(enc.tokens)
+        rows, truncated, words = [], [], []
+        for enc in self.tokenizer.encode_batch(texts):
+            tokens, strings = list(enc.ids), list(enc.tokens)
             cut = len(tokens) > self.max_length
             if cut:  # keep [CLS] ... and end with [SEP]
                 tokens = [*tokens[: self.max_length - 1], tokens[-1]]
                 strings = [*strings[: self.max_length - 1], strings[-1]]
-            ids[i, : len(tokens)] = tokens
-            mask[i, : len(tokens)] = 1
+            rows.append(np.asarray(tokens, dtype=np.int64))
             truncated.append(cut)
             words.append(strings)
-        return TokenBatch(ids=ids, mask=mask, truncated=truncated, words=words)
+        width = pad_to or max((len(r) for r in rows), default=0)
+        return TokenBatch(token_ids=rows, truncated=truncated, words=words, width=width)

@@ -379,7 +379,7 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
             rows_t = [first[int(image)] for image in groups[ci]]
             batch = tokenizer([texts[r] for r in rows_t])
             for t, r in enumerate(rows_t):
-                n = min(int(batch.mask[t].sum()), tokens.shape[1])
+                n = min(len(batch.token_ids[t]), tokens.shape[1])
                 s = (tokens[r, :n] @ p.T).numpy()
                 tally.add(s, batch.words[t][:n], word[r, :n].numpy(), cells, t)
         summary = tally.summary()
