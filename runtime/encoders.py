@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtime.cpu import int8_exact
+
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +36,8 @@ def has_variant(card: dict, precision: str) -> bool:
 def choose_precision(card: dict, preference: str, provider: str) -> str:
     """'auto': fp16 on CUDA when the model ships it; on CPU the graph the export chose (model.json
     `cpu.precision`: the fastest on the export machine within its parity tolerance, int8 for the
-    default model). A named precision is served as asked.
+    default model), unless its int8 weights would saturate on this CPU (runtime/cpu.py). A named
+    precision is served as asked.
 
     Asking for a variant the model was exported without is a configuration error, said at start-up,
     rather than a silent fall back to fp32."""
@@ -44,10 +47,17 @@ def choose_precision(card: dict, preference: str, provider: str) -> str:
                 f"precision {preference} asked, but {card['name']} has no {preference} variant: "
                 "re-export it with `emkum export`"
             )
+        if preference == "int8" and not int8_exact(card.get("cpu", {}).get("int8_weights", "s8")):
+            log.warning("int8 asked for: its int8 weights saturate on this CPU (no VNNI); re-export here")
         return preference
     if provider == "CUDAExecutionProvider":
         return "fp16" if has_variant(card, "fp16") else "fp32"
-    chosen = card.get("cpu", {}).get("precision", "fp32")
+    cpu = card.get("cpu", {})
+    chosen = cpu.get("precision", "fp32")
+    if chosen == "int8" and not int8_exact(cpu.get("int8_weights", "s8")):
+        # exported on a CPU with VNNI, served on one without: its int8 weights would saturate here
+        log.warning("the int8 graphs' int8 weights saturate on this CPU (no VNNI): serving fp32")
+        return "fp32"
     return chosen if has_variant(card, chosen) else "fp32"
 
 

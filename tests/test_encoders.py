@@ -22,7 +22,11 @@ def test_precision_choice():
     with pytest.raises(ValueError, match="no fp16 variant"):
         choose_precision(plain, "fp16", "CUDAExecutionProvider")
     # CPU: the export's choice (model.json cpu.precision), if its files are there
-    both = {**card, "files": {**card["files"], "image_int8": "i8", "text_int8": "t8"}, "cpu": {"precision": "int8"}}
+    both = {
+        **card,
+        "files": {**card["files"], "image_int8": "i8", "text_int8": "t8"},
+        "cpu": {"precision": "int8", "int8_weights": "u8"},
+    }
     assert choose_precision(both, "auto", "CPUExecutionProvider") == "int8"
     assert choose_precision(both, "auto", "CUDAExecutionProvider") == "fp16"
     assert choose_precision(both, "fp32", "CPUExecutionProvider") == "fp32"
@@ -30,6 +34,65 @@ def test_precision_choice():
     assert choose_precision(missing, "auto", "CPUExecutionProvider") == "fp32"
     with pytest.raises(ValueError, match="no int8 variant"):
         choose_precision(missing, "int8", "CPUExecutionProvider")
+
+
+def test_int8_graphs_whose_weights_saturate_on_this_cpu_are_not_picked(monkeypatch):
+    import runtime.cpu
+
+    card = {
+        "name": "m",
+        "files": {"image": "i", "text": "t", "image_int8": "i8", "text_int8": "t8"},
+        "cpu": {"precision": "int8", "int8_weights": "s8"},
+    }
+    monkeypatch.setattr(runtime.cpu, "is_x86", lambda: True)
+    monkeypatch.setattr(runtime.cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # no VNNI
+    assert runtime.cpu.int8_weights_for_this_cpu() == "u8"
+    assert choose_precision(card, "auto", "CPUExecutionProvider") == "fp32"
+    assert choose_precision(card, "int8", "CPUExecutionProvider") == "int8"  # asked for: served, with a warning
+    u8 = {**card, "cpu": {"precision": "int8", "int8_weights": "u8"}}
+    assert choose_precision(u8, "auto", "CPUExecutionProvider") == "int8"
+    monkeypatch.setattr(runtime.cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert runtime.cpu.int8_weights_for_this_cpu() == "s8"
+    assert choose_precision(card, "auto", "CPUExecutionProvider") == "int8"
+    monkeypatch.setattr(runtime.cpu, "is_x86", lambda: False)  # ARM: int32 dot products
+    monkeypatch.setattr(runtime.cpu, "cpu_flags", lambda: frozenset())
+    assert runtime.cpu.int8_weights_for_this_cpu() == "s8"
+
+
+@pytest.mark.parametrize("weights", ["s8", "u8"])
+def test_the_saturation_rule_matches_onnx_runtime_on_this_cpu(tmp_path, weights):
+    """runtime/cpu.py's claim, checked on the real kernels of whatever CPU runs the tests: a MatMul
+    whose uint8 activations and int8 weights are both at full scale (255 x 127 per product) comes out
+    exact where int8_exact says so and about halved (int16 pairs saturated) where it does not."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import runtime.cpu
+    from runtime.encoders import open_session
+
+    k = 256
+    weight = numpy_helper.from_array(np.ones((k, 4), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [weight],
+    )
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
+    quantize_dynamic(str(src), str(dst), weight_type=weight_type, per_channel=True)
+    x = np.ones((1, k), dtype=np.float32)
+    x[0, 0] = 0.0  # the activation range includes 0, so the ones quantise to 255
+    (y,) = open_session(dst, ["CPUExecutionProvider"]).run(None, {"x": x})
+    exact = np.allclose(y, k - 1, rtol=0.02)
+    assert exact == runtime.cpu.int8_exact(weights), (
+        weights,
+        y,
+        sorted(runtime.cpu.cpu_flags() & {"avx2", "avx512_vnni", "avx_vnni"}),
+    )
 
 
 def test_the_export_machine_picks_the_fastest_graph_that_passed_parity():

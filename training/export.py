@@ -27,6 +27,7 @@ from torch import nn
 from model.checkpoint import load_checkpoint
 from model.emkum import Emkum
 from model.pretrained import minilm_dir
+from runtime.cpu import int8_weights_for_this_cpu
 from runtime.modelcard import DEFAULT_CANDIDATES, DEFAULT_CLS_WEIGHT
 from training.quantize import (
     INT8_TEXT_TOLERANCE,
@@ -237,8 +238,9 @@ def _int8_variant(
     beyond it stays fp32 in the int8 variant. Then choose the CPU default: the variant that answers
     one image and one query fastest on this machine. Returns (the variant's files, the card's `cpu`)."""
     files = {"image_int8": "image.int8.onnx", "text_int8": "text.int8.onnx"}
-    quantize_int8(folder / "image.onnx", folder / files["image_int8"])
-    quantize_int8(folder / "text.onnx", folder / files["text_int8"])
+    weights = int8_weights_for_this_cpu()  # exact on this machine (runtime/cpu.py)
+    quantize_int8(folder / "image.onnx", folder / files["image_int8"], weights)
+    quantize_int8(folder / "text.onnx", folder / files["text_int8"], weights)
     errors = parity_errors(model, folder / files["image_int8"], folder / files["text_int8"], seed)
     refused = {}
     for graph in ("image", "text"):
@@ -247,7 +249,7 @@ def _int8_variant(
             refused[graph] = f"int8 {graph} graph beyond {tolerances[graph]}: {bad}"
             (folder / files[f"{graph}_int8"]).unlink()
             files[f"{graph}_int8"] = f"{graph}.onnx"
-    cpu: dict = {"tolerances_int8": tolerances, "measured_on": cpu_name()}
+    cpu: dict = {"tolerances_int8": tolerances, "measured_on": cpu_name(), "int8_weights": weights}
     if len(refused) == 2:
         return {}, {"precision": "fp32", **cpu, "int8_refused": refused}
     parity["int8"] = errors
