@@ -8,6 +8,10 @@ photos, with no calibration data to choose and keep. Static QDQ int8 with calibr
 images was tried and kept them at only 0.986 (min-max ranges) or 0.967 (99.99th percentile), no
 faster; bf16 was not an option: ONNX Runtime's CPU kernels for x86 have no bf16 MatMul. The
 measured comparison and the ranking quality are in docs/evidence.md.
+
+The weights are int8 where this machine's CPU has VNNI and uint8 where it has not: ONNX Runtime's
+uint8 x int8 kernel saturates without VNNI (runtime/cpu.py; `benchmarks/int8_weights.py` measured
+0.10 error with int8 weights and 0.03 with uint8 on an AVX2-only AMD EPYC, at the same speed).
 """
 
 from __future__ import annotations
