@@ -51,3 +51,10 @@ def int8_exact(weights: str, flags: frozenset[str] | None = None, x86: bool | No
 def int8_weights_for_this_cpu() -> str:
     """'s8' (the fast kernels) where they are exact, 'u8' where they would saturate."""
     return "s8" if int8_exact("s8") else "u8"
+
+
+def has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether bf16 matrix products run in hardware (AVX-512 BF16 or AMX on x86; ARM's bf16). Without
+    it PyTorch emulates them: 0.8 GFLOP/s against 81 in fp32 for a 1024^3 product on the AVX2-only
+    AMD EPYC of session 9, so CPU autocast to bf16 must be switched off there."""
+    return bool((cpu_flags() if flags is None else flags) & {"avx512_bf16", "amx_bf16", "bf16"})

@@ -59,6 +59,13 @@ def test_int8_graphs_whose_weights_saturate_on_this_cpu_are_not_picked(monkeypat
     assert runtime.cpu.int8_weights_for_this_cpu() == "s8"
 
 
+def test_bf16_autocast_only_where_the_cpu_has_bf16_units():
+    from runtime.cpu import has_native_bf16
+
+    assert not has_native_bf16(frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
+    assert has_native_bf16(frozenset({"avx512f", "avx512_bf16"})) and has_native_bf16(frozenset({"amx_bf16"}))
+
+
 @pytest.mark.parametrize("weights", ["s8", "u8"])
 def test_the_saturation_rule_matches_onnx_runtime_on_this_cpu(tmp_path, weights):
     """runtime/cpu.py's claim, checked on the real kernels of whatever CPU runs the tests: a MatMul

@@ -142,10 +142,12 @@ def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
 CONCEPTS = ["dog", "car", "tree", "boat"]
 
 
-def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8):
+def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8, twin_cls: bool = False):
     """A feature cache in training/feature_cache.py's layout where the answer is known: image i shows
     concept i % 4 in all its 16 patches, its captions name it ("a dog"), text features carry the
-    concept in another (rotated) basis, and each 2x2 collage holds four different concepts."""
+    concept in another (rotated) basis, and each 2x2 collage holds four different concepts.
+    `twin_cls`: images 2j and 2j + 1 (different concepts) share one CLS vector, so CLS cannot tell
+    them apart and only the patches can."""
     from model.pretrained import minilm_dir
     from runtime.tokenizer import TextTokenizer
 
@@ -191,6 +193,8 @@ def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8):
     swap_cls = rng.normal(size=(n_images, 16)).astype(np.float32)
     np.save(folder / "swap_cls.npy", swap_cls / np.linalg.norm(swap_cls, axis=1, keepdims=True))
     cls = rng.normal(size=(n_images, 16)).astype(np.float32)
+    if twin_cls:
+        cls[1::2] = cls[::2]
     np.save(folder / "single_cls.npy", cls / np.linalg.norm(cls, axis=1, keepdims=True))
     np.save(folder / "text_cls.npy", np.repeat(cls / np.linalg.norm(cls, axis=1, keepdims=True), 2, axis=0))
     meta = {
@@ -219,6 +223,44 @@ def test_the_head_trainer_learns_to_point_on_features_with_a_known_answer(tmp_pa
     assert before["pointing2"] < 60, before  # an untrained head points near chance (25%)
     assert after["choice_cmli"] >= 98 and before["choice_cmli"] < 75, (before, after)  # "a dog" beats "a car"
     assert after == {**after, **evaluate_heads(heads, val, cfg)}  # the history is the evaluation
+
+
+def test_the_first_stage_keeps_the_true_match_among_the_candidates(tmp_path, rng):
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import first_stage
+
+    synthetic_cache(tmp_path / "c", rng, n_images=64)
+    feats = SplitFeatures.load(tmp_path / "c")
+    cls = np.load(tmp_path / "c" / "single_cls.npy")
+    text = cls[np.repeat(np.arange(64), 2)]
+    text[0] = -cls[0]  # caption 0 is CLS's worst match for its own image 0
+    np.save(tmp_path / "c" / "text_cls.npy", text)
+    stage = first_stage(feats, 8)
+    assert stage.t2i.shape == (128, 8) and stage.i2t.shape == (64, 8)
+    assert (stage.t2i == np.repeat(np.arange(64), 2)[:, None]).any(1).all()  # every caption's image is there
+    assert stage.t2i[0, -1] == 0 and stage.t2i_cls[0, -1] == pytest.approx(-1.0, abs=1e-5)  # put in last
+    assert stage.t2i[1, 0] == 0 and stage.t2i_cls[1, 0] == pytest.approx(1.0, abs=1e-5)  # CLS's own best first
+    assert (stage.caption_image[stage.i2t] == np.arange(64)[:, None]).any(1).all()  # every image, a caption
+
+
+def test_the_rerank_term_alone_teaches_cmli_what_cls_cannot_tell(tmp_path, rng):
+    """Twin images share one CLS vector and show different concepts: CLS ranks them by a coin flip,
+    and only a CMLI trained by the rerank term (no other objective) breaks the ties."""
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import FineGrainedTrainConfig, Heads, evaluate_heads, train_heads
+
+    synthetic_cache(tmp_path / "train", rng, twin_cls=True)
+    synthetic_cache(tmp_path / "val", np.random.default_rng(99), twin_cls=True)
+    train, val = SplitFeatures.load(tmp_path / "train"), SplitFeatures.load(tmp_path / "val")
+    off = {"filip": 0.0, "cell": 0.0, "word": 0.0, "swap": 0.0}
+    cfg = FineGrainedTrainConfig(layers=(1,), epochs=8, batch=32, lr=1e-2, candidates=8, rerank=1.0, **off)
+    cfg = cfg.model_copy(update={"rerank_candidates": 8, "rerank_queries": 32, "rerank_weight": 0.5})
+    torch.manual_seed(0)
+    before = evaluate_heads(Heads((8,), 8, 16, 0), val, cfg)
+    _, history = train_heads(train, val, cfg)
+    after = history[-1]
+    assert after["rerank_mean6"] >= after["cls_mean6"] + 10, after  # the twins are told apart
+    assert before["rerank_mean6"] < after["rerank_mean6"] - 5, (before, after)
 
 
 def test_heads_go_into_the_model_they_were_trained_for(rng):

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from model.emkum import Emkum
+from runtime.cpu import has_native_bf16
 from runtime.tokenizer import TextTokenizer
 from training.augment import normalize
 from training.collage import collage_groups, make_collage
@@ -81,7 +82,7 @@ def cache_split(
     def run_images(stack: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """One pass of the model: the cached blocks' patches and the CLS vector."""
         px = normalize(torch.from_numpy(stack).permute(0, 3, 1, 2).float() / 255, cfg.vision.mean, cfg.vision.std)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=has_native_bf16()):
             out = model.encode_image(px, with_kd=False, keep_layers=layers)
         return {k: out.layers[k][:, 1:].float() for k in layers}, out.cls.float()
 

@@ -14,6 +14,10 @@ Objectives (weights in FineGrainedTrainConfig):
   cell's patches) on its own cell: a multiple-instance form of pointing with the answer built in;
 - `word`: each content word's softmax over the collage's patches must put its mass in its caption's
   cell (the `explain` heatmap is exactly this similarity map).
+- `rerank`: the rerank's own task. Each query's first-stage candidates (top K by the served CLS
+  vectors, on the training images) are ranked by the fused score the service uses, w * CLS +
+  (1 - w) * CMLI, with CLS fixed: the cross-entropy of the true match teaches CMLI what CLS gets
+  wrong, not what it already gets right (both directions, as Mean6 counts them).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tqdm import tqdm
 from model.cmli import cmli_i2t_candidates, cmli_pairs, cmli_t2i_candidates
 from model.config import FineGrainedConfig
 from model.emkum import Emkum, FineGrainedHead
+from runtime.cpu import has_native_bf16
 from training.collage import patch_cells
 from training.feature_cache import SplitFeatures
 from training.losses import cmli_contrastive_loss
@@ -60,6 +65,11 @@ class FineGrainedTrainConfig(BaseModel):
     # NegCLIP-style: each image's caption must outscore the same caption with one word swapped
     # (training/swaps.py, made from the training captions), CMLI against CMLI (seed 004, eq. 4)
     swap: float = 1.0
+    # the rerank's own task on the training images' CLS candidates (module docstring)
+    rerank: float = 0.0
+    rerank_candidates: int = 16  # K, the true match put in where CLS left it out
+    rerank_queries: int = 24  # text and image queries per step
+    rerank_weight: float = 0.7  # w of the fused score it trains for (the model card's)
     seed: int = 0
     candidates: int = 20  # rerank depth the evaluation (and the exported model card) uses
 
@@ -189,6 +199,61 @@ def swap_loss(heads: Heads, cache: dict, idx: np.ndarray, patches: torch.Tensor 
     return F.cross_entropy(logits, torch.zeros(len(keep), dtype=torch.long))
 
 
+@dataclass
+class FirstStage:
+    """The training split's CLS candidates, best first, the true match always among them: captions
+    -> images (`t2i`, [captions, K]) and images -> captions (`i2t`, [images, K]), with CLS scores."""
+
+    t2i: np.ndarray
+    t2i_cls: np.ndarray
+    i2t: np.ndarray
+    i2t_cls: np.ndarray
+    caption_image: np.ndarray
+
+
+@torch.no_grad()
+def first_stage(feats: SplitFeatures, k: int) -> FirstStage:
+    img = torch.from_numpy(np.array(feats.array("single_cls"), dtype=np.float32))
+    txt = torch.from_numpy(np.array(feats.array("text_cls"), dtype=np.float32))
+    owner = np.array(feats.array("caption_image"))
+    sim = txt @ img.T
+    t2i_s, t2i = (x.numpy().copy() for x in sim.topk(k, dim=1))
+    i2t_s, i2t = (x.numpy().copy() for x in sim.T.topk(k, dim=1))
+    for q in np.flatnonzero(~(t2i == owner[:, None]).any(1)):  # CLS missed it: last place is its
+        t2i[q, -1], t2i_s[q, -1] = owner[q], float(sim[q, owner[q]])
+    for i in np.flatnonzero(~(owner[i2t] == np.arange(len(img))[:, None]).any(1)):
+        q = int(np.flatnonzero(owner == i)[0])
+        i2t[i, -1], i2t_s[i, -1] = q, float(sim[q, i])
+    return FirstStage(t2i, t2i_s, i2t, i2t_s, owner)
+
+
+def rerank_loss(heads: Heads, cache: dict, stage: FirstStage, cfg: FineGrainedTrainConfig, rng) -> torch.Tensor:
+    """Cross-entropy of the true match among each query's CLS candidates under the fused score, for
+    `rerank_queries` random captions and as many random images (an image's matches: its captions)."""
+    w, scale = cfg.rerank_weight, heads.logit_scale.exp().clamp(max=100.0)
+    n = cfg.rerank_queries
+    # text -> image
+    q = np.sort(rng.choice(len(stage.t2i), size=n, replace=False))
+    cand = stage.t2i[q]
+    images, inverse = np.unique(cand, return_inverse=True)
+    patches = heads.image(*(_rows(a, images) for a in cache["single"]))[torch.from_numpy(inverse.reshape(cand.shape))]
+    tok, word, _ = _texts(q, cache["tokens"], cache["word"], cache["content"])
+    cmli = cmli_t2i_candidates(heads.text(tok), word, patches)[0]
+    logits = scale * (w * torch.from_numpy(stage.t2i_cls[q]) + (1 - w) * cmli)
+    positive = torch.from_numpy(cand == stage.caption_image[q][:, None])
+    # image -> text
+    i = np.sort(rng.choice(len(stage.i2t), size=n, replace=False))
+    cand_t = stage.i2t[i]
+    image_patches = heads.image(*(_rows(a, i) for a in cache["single"]))
+    tok, word, _ = _texts(cand_t.reshape(-1), cache["tokens"], cache["word"], cache["content"])
+    tokens = heads.text(tok).reshape(*cand_t.shape, tok.shape[1], -1)
+    cmli_i = cmli_i2t_candidates(image_patches, tokens, word.reshape(*cand_t.shape, -1))
+    logits = torch.cat([logits, scale * (w * torch.from_numpy(stage.i2t_cls[i]) + (1 - w) * cmli_i)])
+    positive = torch.cat([positive, torch.from_numpy(stage.caption_image[cand_t] == i[:, None])])
+    matched = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - matched).mean()
+
+
 def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
     """The arrays a run reads, opened once (memmaps; the patch features stay on disk); patch features
     are lists, one array per block in `layers`."""
@@ -241,6 +306,7 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     history = []
     start = time.time()
     collage_sets = [g for g in (2, 3) if f"collage{g}" in cache]
+    stage = first_stage(train, cfg.rerank_candidates) if cfg.rerank else None
     for epoch in range(cfg.epochs):
         heads.train()
         batches = hard_batches(train_cls, cfg.batch, cfg.hard_group, rng)[:steps_per_epoch]
@@ -253,12 +319,15 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
                 patches = heads.image(*(_rows(a, idx) for a in single))
                 tok, word, _ = _texts(_caption_rows(cache, idx, rng), cache["tokens"], cache["word"], cache["content"])
                 tokens = heads.text(tok)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=has_native_bf16()):
                     parts["filip"] = cmli_contrastive_loss(patches, tokens, word, heads.logit_scale).float()
                 loss = loss + cfg.filip * parts["filip"]
             if cfg.swap and "swap" in cache:
                 parts["swap"] = swap_loss(heads, cache, idx, patches if cfg.filip else None, rng)
                 loss = loss + cfg.swap * parts["swap"]
+            if stage is not None:
+                parts["rerank"] = rerank_loss(heads, cache, stage, cfg, rng)
+                loss = loss + cfg.rerank * parts["rerank"]
             if collage_sets and (cfg.cell or cfg.word):
                 g = collage_sets[step % len(collage_sets)]
                 n_col = len(cache[f"collage{g}_images"])
