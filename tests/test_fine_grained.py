@@ -263,6 +263,28 @@ def test_the_rerank_term_alone_teaches_cmli_what_cls_cannot_tell(tmp_path, rng):
     assert before["rerank_mean6"] < after["rerank_mean6"] - 5, (before, after)
 
 
+def test_training_can_continue_from_a_checkpoints_own_head(tmp_path, rng):
+    """train.init = 'checkpoint': epoch 0 of the history is the given head as it was (it points
+    perfectly on the known-answer cache), not a fresh one (which points near chance)."""
+    from types import SimpleNamespace
+
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import FineGrainedTrainConfig, train_heads
+
+    synthetic_cache(tmp_path / "train", rng)
+    synthetic_cache(tmp_path / "val", np.random.default_rng(99))
+    train, val = SplitFeatures.load(tmp_path / "train"), SplitFeatures.load(tmp_path / "val")
+    cfg = FineGrainedTrainConfig(layers=(1,), epochs=8, batch=32, collage_batch=16, lr=1e-2, candidates=8)
+    torch.manual_seed(0)
+    trained, _ = train_heads(train, val, cfg)
+    start = SimpleNamespace(fg_image=trained.image, fg_text=trained.text)  # what a checkpoint's model carries
+    _, history = train_heads(train, val, cfg.model_copy(update={"epochs": 1, "lr": 1e-6}), start=start)
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert history[0]["pointing2"] >= 98 and history[1]["pointing2"] >= 98, history
+    with pytest.raises(ValueError, match="has a fine-grained head"):
+        train_heads(train, val, cfg, start=SimpleNamespace(fg_image=None, fg_text=None))
+
+
 def test_heads_go_into_the_model_they_were_trained_for(rng):
     from training.fine_grained import FineGrainedTrainConfig, Heads, heads_into_model
 

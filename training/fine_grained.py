@@ -27,6 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,6 +71,8 @@ class FineGrainedTrainConfig(BaseModel):
     rerank_candidates: int = 16  # K, the true match put in where CLS left it out
     rerank_queries: int = 24  # text and image queries per step
     rerank_weight: float = 0.7  # w of the fused score it trains for (the model card's)
+    # 'checkpoint': continue from the checkpoint's own head (same layers and shape), e.g. to add a term
+    init: Literal["random", "checkpoint"] = "random"
     seed: int = 0
     candidates: int = 20  # rerank depth the evaluation (and the exported model card) uses
 
@@ -281,9 +284,16 @@ def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
     return out
 
 
-def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGrainedTrainConfig, log: Path | None = None):
+def train_heads(
+    train: SplitFeatures,
+    val: SplitFeatures | None,
+    cfg: FineGrainedTrainConfig,
+    log: Path | None = None,
+    start: Emkum | None = None,
+):
     """Returns (heads, history). One epoch = every training image once in FILIP steps, with one
-    collage batch (2x2 and 3x3 alternating) per step."""
+    collage batch (2x2 and 3x3 alternating) per step. `start`: a model whose own fine-grained head
+    (same shape) the heads continue from, instead of a fresh one."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     cache = load_cache(train, cfg.layers)
@@ -292,6 +302,11 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     heads = Heads(
         tuple(a.shape[-1] for a in single), cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden, cfg.context
     )
+    if start is not None:
+        if start.fg_image is None:
+            raise ValueError("train.init = 'checkpoint' needs a checkpoint that has a fine-grained head")
+        heads.image.load_state_dict(start.fg_image.state_dict())
+        heads.text.load_state_dict(start.fg_text.state_dict())
     decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -306,6 +321,8 @@ def train_heads(train: SplitFeatures, val: SplitFeatures | None, cfg: FineGraine
     history = []
     start = time.time()
     collage_sets = [g for g in (2, 3) if f"collage{g}" in cache]
+    if start is not None and val is not None:  # where the continued head starts from
+        history.append({"epoch": 0, "seconds": 0.0, **evaluate_heads(heads, val, cfg)})
     stage = first_stage(train, cfg.rerank_candidates) if cfg.rerank else None
     for epoch in range(cfg.epochs):
         heads.train()
@@ -518,7 +535,11 @@ def run(cfg: FineGrainedRun) -> dict:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     heads, history = train_heads(
-        splits["train"], splits[f"val-{cfg.val_half}"], cfg.train, out.with_suffix(".log.json")
+        splits["train"],
+        splits[f"val-{cfg.val_half}"],
+        cfg.train,
+        out.with_suffix(".log.json"),
+        start=model if cfg.train.init == "checkpoint" else None,
     )
     final = history[-1]
     merged = heads_into_model(model, heads, cfg.train)
