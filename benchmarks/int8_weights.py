@@ -28,26 +28,13 @@ from runtime.encoders import open_session  # noqa: E402
 from runtime.images import preprocess  # noqa: E402
 from runtime.modelcard import load_model_card  # noqa: E402
 from service.cli import demo_images  # noqa: E402
-from training.quantize import KEEP_FP32  # noqa: E402
+from training.quantize import quantize_int8  # noqa: E402
 
 VARIANTS = {
     "s8": {"weights": "s8"},
     "s8_reduce_range": {"weights": "s8", "reduce_range": True},
     "u8": {"weights": "u8"},
 }
-
-
-def quantize(src: Path, dst: Path, weights: str, reduce_range: bool = False) -> None:
-    """training/quantize.py's recipe, with reduce_range as an option to compare."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    graph = onnx.load(str(src), load_external_data=False).graph
-    keep = [n.name for n in graph.node if all(part in n.name for part in KEEP_FP32)]
-    weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
-    quantize_dynamic(
-        str(src), str(dst), weight_type=weight_type, per_channel=True, reduce_range=reduce_range, nodes_to_exclude=keep
-    )
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -77,7 +64,7 @@ def main(repeats: int = 10) -> None:
             pair = []
             for graph in ("image", "text"):
                 dst = Path(tmp) / f"{graph}.{name}.onnx"
-                quantize(model / f"{graph}.onnx", dst, **options)
+                quantize_int8(model / f"{graph}.onnx", dst, **options)
                 pair.append(open_session(dst, cpu))
             sessions[name] = tuple(pair)
         ref_image, ref_text = sessions["fp32"]

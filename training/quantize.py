@@ -37,16 +37,20 @@ INT8_TEXT_TOLERANCE = 0.15
 KEEP_FP32 = ("/text/blocks.", "/mlp/fc2/")
 
 
-def quantize_int8(src: Path, dst: Path, weights: str = "s8") -> None:
+def quantize_int8(src: Path, dst: Path, weights: str = "s8", reduce_range: bool = False) -> None:
     """Write the dynamic int8 variant of the fp32 graph `src` to `dst` (KEEP_FP32 nodes excepted), its
-    weights int8 ('s8') or uint8 ('u8'; runtime/cpu.py says which a CPU runs without saturation)."""
+    weights int8 ('s8') or uint8 ('u8'; runtime/cpu.py says which a CPU runs without saturation).
+    `reduce_range` (7-bit weights, ONNX Runtime's other remedy for saturation) is only measured, by
+    benchmarks/int8_weights.py: uint8 weights were closer to fp32 at the same speed."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(src), load_external_data=False).graph
     keep = [n.name for n in graph.node if all(part in n.name for part in KEEP_FP32)]
     weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
-    quantize_dynamic(str(src), str(dst), weight_type=weight_type, per_channel=True, nodes_to_exclude=keep)
+    quantize_dynamic(
+        str(src), str(dst), weight_type=weight_type, per_channel=True, reduce_range=reduce_range, nodes_to_exclude=keep
+    )
 
 
 def _median_seconds(graph: Path, feed: dict[str, np.ndarray], repeats: int) -> float:
