@@ -218,6 +218,7 @@ def test_the_head_trainer_learns_to_point_on_features_with_a_known_answer(tmp_pa
     torch.manual_seed(0)
     before = evaluate_heads(Heads((8,), 8, 16, 0), val, cfg)
     heads, history = train_heads(train, val, cfg)
+    assert [row["epoch"] for row in history] == list(range(1, 9))  # a fresh head: no epoch-0 row
     after = history[-1]
     assert after["pointing2"] >= 98 and after["cell2"] >= 98, after
     assert before["pointing2"] < 60, before  # an untrained head points near chance (25%)

@@ -319,7 +319,7 @@ def train_heads(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     history = []
-    start = time.time()
+    started = time.time()
     collage_sets = [g for g in (2, 3) if f"collage{g}" in cache]
     if start is not None and val is not None:  # where the continued head starts from
         history.append({"epoch": 0, "seconds": 0.0, **evaluate_heads(heads, val, cfg)})
@@ -357,7 +357,7 @@ def train_heads(
             opt.step()
             sched.step()
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in parts.items()})
-        row = {"epoch": epoch + 1, "seconds": round(time.time() - start, 1)}
+        row = {"epoch": epoch + 1, "seconds": round(time.time() - started, 1)}
         if val is not None:
             row.update(evaluate_heads(heads, val, cfg))
         history.append(row)
