@@ -38,14 +38,10 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
-def int8_exact(weights: str, flags: frozenset[str] | None = None, x86: bool | None = None) -> bool:
+def int8_exact(weights: str) -> bool:
     """Whether int8 graphs with `weights` ('s8' or 'u8') run without saturation here. Only U8S8 on
     x86 without VNNI saturates (ARM's int8 dot products accumulate in int32)."""
-    if weights == "u8":
-        return True
-    if not (is_x86() if x86 is None else x86):
-        return True
-    return bool((cpu_flags() if flags is None else flags) & EXACT_U8S8_FLAGS)
+    return weights == "u8" or not is_x86() or bool(cpu_flags() & EXACT_U8S8_FLAGS)
 
 
 def int8_weights_for_this_cpu() -> str:

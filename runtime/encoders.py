@@ -41,20 +41,21 @@ def choose_precision(card: dict, preference: str, provider: str) -> str:
 
     Asking for a variant the model was exported without is a configuration error, said at start-up,
     rather than a silent fall back to fp32."""
+    cpu = card.get("cpu", {})
+    saturates = not int8_exact(cpu.get("int8_weights", "s8"))
     if preference != "auto":
         if not has_variant(card, preference):
             raise ValueError(
                 f"precision {preference} asked, but {card['name']} has no {preference} variant: "
                 "re-export it with `emkum export`"
             )
-        if preference == "int8" and not int8_exact(card.get("cpu", {}).get("int8_weights", "s8")):
+        if preference == "int8" and saturates:
             log.warning("int8 asked for: its int8 weights saturate on this CPU (no VNNI); re-export here")
         return preference
     if provider == "CUDAExecutionProvider":
         return "fp16" if has_variant(card, "fp16") else "fp32"
-    cpu = card.get("cpu", {})
     chosen = cpu.get("precision", "fp32")
-    if chosen == "int8" and not int8_exact(cpu.get("int8_weights", "s8")):
+    if chosen == "int8" and saturates:
         # exported on a CPU with VNNI, served on one without: its int8 weights would saturate here
         log.warning("the int8 graphs' int8 weights saturate on this CPU (no VNNI): serving fp32")
         return "fp32"

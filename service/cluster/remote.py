@@ -95,13 +95,7 @@ class ShardedStore:
         self.timeout_s = timeout_s
         self.partial_results = partial_results
         self._pool = ThreadPoolExecutor(max(4, 2 * len(self.shards)), thread_name_prefix="shard-call")
-        writers = {s: self._pool.submit(self._call, s, "info") for s in range(len(self.shards))}
-        infos, missing = {}, []
-        for shard, future in writers.items():  # the writers say whether writes are refused
-            try:
-                infos[shard] = future.result()
-            except ApiError:
-                missing.append(shard)
+        infos, missing = self._fan_out("info", writers=True)  # the writers say whether writes are refused
         if not infos:
             raise RuntimeError(f"no shard writer answered ({len(self.shards)} expected)")
         first = next(iter(infos.values()))
@@ -139,9 +133,11 @@ class ShardedStore:
                 pass
         return self._call(shard, method, *args)
 
-    def _fan_out(self, method: str, *args: Any) -> tuple[dict[int, Any], list[int]]:
-        """Every shard's answer to the same read, side by side; the shards that gave none."""
-        futures = {s: self._pool.submit(self._read, s, method, *args) for s in range(len(self.shards))}
+    def _fan_out(self, method: str, *args: Any, writers: bool = False) -> tuple[dict[int, Any], list[int]]:
+        """Every shard's answer to the same read (from its writer only, if asked), side by side; the
+        shards that gave none."""
+        call = self._call if writers else self._read
+        futures = {s: self._pool.submit(call, s, method, *args) for s in range(len(self.shards))}
         answers, missing = {}, []
         for shard, future in futures.items():
             try:
@@ -161,14 +157,11 @@ class ShardedStore:
     def shard_states(self) -> list[dict[str, Any]]:
         """Each shard `up`, `reads_only` (its writer is down, its read replicas answer) or `down`;
         refreshes the item counts the routes read."""
-        writers = {s: self._pool.submit(self._call, s, "info") for s in range(len(self.shards))}
+        writers, _ = self._fan_out("info", writers=True)
         readers, _ = self._fan_out("info") if self.readers is not None else ({}, [])
         states = []
-        for shard, future in writers.items():
-            try:
-                info, state = future.result(), "up"
-            except ApiError:
-                info, state = readers.get(shard), "reads_only"
+        for shard in range(len(self.shards)):
+            info, state = (writers[shard], "up") if shard in writers else (readers.get(shard), "reads_only")
             if info is None:
                 states.append({"shard": shard, "state": "down"})
                 continue
