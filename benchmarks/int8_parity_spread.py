@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model.checkpoint import load_checkpoint  # noqa: E402
-from service.cli import DEFAULT_WEIGHTS  # noqa: E402
+from training.cli import DEFAULT_WEIGHTS  # noqa: E402
 from training.export import _export_graphs, parity_errors, quantize_int8  # noqa: E402
 
 

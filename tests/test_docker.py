@@ -159,6 +159,18 @@ def test_the_cpu_image_carries_no_torch_cuda_or_build_ca(stack):
         assert shipped != host_bundle.read_text(), "the build stage's CA bundle reached the image"
 
 
+def test_the_cpu_image_cli_has_the_serving_commands_only(stack):
+    """The image installs the package's metadata (and so the training plugin's entry point) but not
+    training/: `emkum` must skip the plugin, not fail, and offer no command it cannot run."""
+    listed = run(["docker", "run", "--rm", "-e", "COLUMNS=200", CPU_IMAGE, "emkum", "--help"])
+    assert "serve" in listed and "healthcheck" in listed and "index" in listed, listed
+    assert " train " not in listed and "build-default" not in listed, listed
+    refused = subprocess.run(
+        ["docker", "run", "--rm", CPU_IMAGE, "emkum", "train"], capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and "No such command" in refused.stdout + refused.stderr
+
+
 def test_the_service_runs_as_a_non_root_user(stack):
     assert run(["docker", "exec", stack.container(), "id", "-u"]).strip() == "10001"
     ps = run(["docker", "top", stack.container(), "-o", "pid,uid,args"])

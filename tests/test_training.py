@@ -133,7 +133,7 @@ def test_training_learns_and_resumes_exactly(synthetic_data, tmp_path):
 
 
 def test_config_file_and_cli_overrides(tmp_path):
-    from service.cli import _merge, parse_overrides
+    from training.cli import _merge, parse_overrides
 
     path = tmp_path / "c.toml"
     path.write_text('model = "emkum-tiny"\nepochs = 2\n[loss]\nkd = 0.5\n')
