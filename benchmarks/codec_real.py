@@ -19,12 +19,13 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe, record  # noqa: E402
-from index import Query, VectorStore  # noqa: E402
+from index import VectorStore  # noqa: E402
 from index.cmli import rerank_cmli  # noqa: E402
 from index.store import ItemInput  # noqa: E402
 from runtime.encoders import Encoders  # noqa: E402
 from runtime.images import decode_square, normalize  # noqa: E402
 from runtime.modelcard import load_model_card, store_config  # noqa: E402
+from runtime.query import embed_text_queries  # noqa: E402
 from runtime.tokenizer import TextTokenizer  # noqa: E402
 from training.data import read_karpathy  # noqa: E402
 from training.metrics import t2i_recall  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     for s in tqdm(range(0, len(pairs), 32), desc="embed images"):
         px = [normalize(decode_square(p.read(), spec["size"]), spec["mean"], spec["std"]) for p in pairs[s : s + 32]]
         images.extend(enc.embed_images_now(px))
-    queries = enc.embed_tokens_now(tok([p.captions[0] for p in pairs]).rows())
+    queries = embed_text_queries(tok, enc.embed_tokens_now, [p.captions[0] for p in pairs])
     enc.close()
     truth = np.arange(len(pairs))
     cls = np.stack([e.cls for e in images])
@@ -71,7 +72,7 @@ def main() -> None:
     exact_top10 = []
     for q in queries:
         cand = np.argsort(-(cls @ q.cls))[:100]
-        scores = rerank_cmli(q.tokens, q.mask, exact_patches[cand])
+        scores = rerank_cmli(q.vectors, q.mask, exact_patches[cand])
         exact_top10.append(set(cand[np.argsort(-scores)[:10]].tolist()))
     report = {"machine": describe(), "model": card["name"], "images": len(pairs), "queries": len(queries), "rows": []}
     for pool, codec, first in VARIANTS:
@@ -88,10 +89,10 @@ def main() -> None:
                 store.add(items[start : start + step])
             overlap, ranked, seconds = [], [], []
             for q, ref in zip(queries, exact_top10, strict=True):
-                hits = store.search(Query(q.cls, q.tokens, q.mask), k=10, candidates=100, cls_weight=0.0)
+                hits = store.search(q, k=10, candidates=100, cls_weight=0.0)
                 overlap.append(len({int(h.id) for h in hits} & ref) / 10)
                 t0 = time.perf_counter()
-                hits = store.search(Query(q.cls, q.tokens, q.mask), k=10, candidates=20, cls_weight=weight)
+                hits = store.search(q, k=10, candidates=20, cls_weight=weight)
                 seconds.append(time.perf_counter() - t0)
                 ranked.append([int(h.id) for h in hits])
             row = {

@@ -159,17 +159,16 @@ def search(
 ) -> None:
     """Search the index from the command line (no server needed)."""
     from runtime.modelcard import rerank_defaults
-    from runtime.query import text_query
+    from runtime.query import embed_text_queries
     from service.app import load_state
     from service.deps import AppState
 
     state = AppState(settings=_settings(model_dir=model_dir, data_dir=data_dir))
     load_state(state)
-    batch = state.tokenizer([query])
-    (emb,) = state.encoders.embed_tokens_now(batch.rows())
+    (text,) = embed_text_queries(state.tokenizer, state.encoders.embed_tokens_now, [query])
     defaults = rerank_defaults(state.card)
     candidates = candidates or defaults.candidates
-    hits = state.store.search(text_query(emb, batch.words[0]), k, candidates, rerank, cls_weight=defaults.cls_weight)
+    hits = state.store.search(text, k, candidates, rerank, cls_weight=defaults.cls_weight)
     state.encoders.close()
     for h in hits:
         typer.echo(f"{h.score:.4f}  {h.id}  {json.dumps(h.metadata)}")

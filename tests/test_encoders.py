@@ -237,3 +237,28 @@ def test_bounded_wait_refuses_work_that_sat_in_a_pool_too_long():
         blocker.result()
         assert isinstance(late.exception(5), Shed) and "search" in str(late.exception())
         assert pool.submit(prompt).result(5) == "ran"
+
+
+def test_a_text_query_is_its_words_with_their_tokens_and_the_same_in_every_batch(tiny_model_dir):
+    """runtime/query.py, the one way a text becomes a query (the route, `emkum search`, `emkum eval`):
+    the words take part and [CLS]/[SEP] do not, each vector keeps its token's label, and a text's
+    query does not depend on the texts batched or chunked with it."""
+    from runtime.query import embed_text_queries, text_queries
+    from runtime.tokenizer import TextTokenizer
+
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    enc = Encoders(tiny_model_dir, card, providers="cpu", precision="fp32")
+    tokenizer = TextTokenizer(tiny_model_dir / card["files"]["tokenizer"], card["text"]["max_length"])
+    texts = ["a dog", "two brown dogs run across the wet sand", "a red car"]
+    alone = embed_text_queries(tokenizer, enc.embed_tokens_now, texts, chunk=1)
+    together = embed_text_queries(tokenizer, enc.embed_tokens_now, texts)
+    for q1, q3 in zip(alone, together, strict=True):
+        np.testing.assert_allclose(q1.cls, q3.cls, atol=1e-5)
+        np.testing.assert_allclose(q1.vectors, q3.vectors, atol=1e-5)
+    vectors, words = together[1].words()
+    assert words == ["two", "brown", "dogs", "run", "across", "the", "wet", "sand"]
+    assert together[1].labels[0] == "[CLS]" and together[1].labels[-1] == "[SEP]"
+    np.testing.assert_allclose(vectors, together[1].vectors[1:-1])
+    batch = tokenizer(texts[:1])
+    with pytest.raises(ValueError):  # an embedding for each text, or none
+        text_queries(batch, enc.embed_tokens_now(tokenizer(texts[:2]).rows()))

@@ -26,7 +26,7 @@ from index.store import ItemInput
 from runtime.encoders import Encoders
 from runtime.images import decode_square, normalize
 from runtime.modelcard import load_model_card, rerank_defaults, store_config
-from runtime.query import image_query, text_query
+from runtime.query import embed_text_queries, image_query
 from runtime.tokenizer import TextTokenizer
 from training.collage import collage_groups, make_collage, patch_cells
 from training.data import read_spec, select_half
@@ -61,19 +61,19 @@ def evaluate_exported(
             texts.extend(p.captions)
             owner.extend([s + i] * len(p.captions))
     caption_image = np.array(owner)
-    embedded = embed_texts(encoders, tokenizer, texts)
+    embedded = embed_text_queries(tokenizer, encoders.embed_tokens_now, texts)
     weight = rerank_defaults(card).cls_weight
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         image_store = VectorStore(Path(tmp) / "images", store_config(card, use_gpu=False))
         image_store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])
         text_store = VectorStore(Path(tmp) / "texts", store_config(card, use_gpu=False))
-        text_store.add([ItemInput(str(i), e.cls, e.tokens[e.mask.astype(bool)]) for i, e in enumerate(embedded)])
+        text_store.add([ItemInput(str(i), q.cls, q.words()[0]) for i, q in enumerate(embedded)])
         for mode, rerank in (("cls", False), ("rerank", True)):
             t2i = np.array(
                 [
-                    [int(h.id) for h in image_store.search(text_query(e), 10, candidates, rerank, cls_weight=weight)]
-                    for e in tqdm(embedded, desc=f"t2i {mode}", unit="q")
+                    [int(h.id) for h in image_store.search(q, 10, candidates, rerank, cls_weight=weight)]
+                    for q in tqdm(embedded, desc=f"t2i {mode}", unit="q")
                 ]
             )
             i2t = np.array(
@@ -107,13 +107,6 @@ def evaluate_exported(
     return out
 
 
-def embed_texts(encoders: Encoders, tokenizer: TextTokenizer, texts: list[str]) -> list:
-    embedded = []
-    for s in tqdm(range(0, len(texts), 256), desc="embed captions", unit="batch"):
-        embedded.extend(encoders.embed_tokens_now(tokenizer(texts[s : s + 256]).rows()))
-    return embedded
-
-
 def collage_pointing(
     encoders: Encoders, tokenizer: TextTokenizer, card: dict, pairs: list, arrays: list, g: int, folder: Path
 ) -> dict:
@@ -132,10 +125,9 @@ def collage_pointing(
     tally = PointingTally()
     for c, grp in enumerate(tqdm(groups, desc=f"pointing {g}x{g}", unit="collage")):
         patches = store.vectors(str(c))
-        batch = tokenizer([pairs[i].captions[0] for i in grp])
-        for t, emb in enumerate(encoders.embed_tokens_now(batch.rows())):
-            n = len(emb.mask)
-            tally.add(emb.tokens @ patches.T, batch.words[t][:n], emb.mask, cells, t)
+        captions = embed_text_queries(tokenizer, encoders.embed_tokens_now, [pairs[i].captions[0] for i in grp])
+        for t, q in enumerate(captions):
+            tally.add(q.vectors @ patches.T, q.labels, q.mask, cells, t)
     store.close()
     return {**tally.summary(), "collages": len(groups), "chance": round(100 / g**2, 2)}
 
@@ -154,14 +146,14 @@ def fine_grained_choice(
     swaps = make_swaps([p.captions for p in pairs])
     first = np.cumsum([0] + [len(p.captions) for p in pairs])
     pos = [captions[first[s.image] + pairs[s.image].captions.index(s.positive)] for s in swaps]
-    neg = embed_texts(encoders, tokenizer, [s.negative for s in swaps])
+    neg = embed_text_queries(tokenizer, encoders.embed_tokens_now, [s.negative for s in swaps])
     wins = {kind: {"cls": [], "cmli": [], "fused": []} for kind in (*KINDS, "all")}
     for s, p, n in zip(swaps, pos, neg, strict=True):
         img = images[s.image]
         patches = store.vectors(str(s.image))[None]
         cls_p, cls_n = float(img.cls @ p.cls), float(img.cls @ n.cls)
-        cmli_p = float(rerank_cmli(p.tokens, p.mask, patches)[0])
-        cmli_n = float(rerank_cmli(n.tokens, n.mask, patches)[0])
+        cmli_p = float(rerank_cmli(p.vectors, p.mask, patches)[0])
+        cmli_n = float(rerank_cmli(n.vectors, n.mask, patches)[0])
         fused_p = weight * cls_p + (1 - weight) * cmli_p
         fused_n = weight * cls_n + (1 - weight) * cmli_n
         for kind in (s.kind, "all"):

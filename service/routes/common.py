@@ -11,9 +11,11 @@ import numpy as np
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from runtime.encoders import ImageEmbedding, TextEmbedding
+from index import Query
+from runtime.encoders import ImageEmbedding
 from runtime.images import PixelBudget
 from runtime.ingest import PreparedImage, prepare_image
+from runtime.query import text_queries
 from service import metrics
 from service.deps import AppState, run_encoder
 from service.errors import ApiError
@@ -105,11 +107,13 @@ def check_text(state: AppState, text: str, field: str = "query") -> str:
     return text.strip()
 
 
-async def embed_texts(state: AppState, texts: list[str]) -> tuple[list[TextEmbedding], list[bool], list[list[str]]]:
+async def embed_texts(state: AppState, texts: list[str]) -> tuple[list[Query], list[bool]]:
+    """Texts -> queries (runtime/query.py) through the text micro-batcher; also whether each text
+    was cut to the length limit."""
     start = time.perf_counter()
     batch = state.tokenizer(texts)
     metrics.STAGE_LATENCY.labels("tokenize").observe(time.perf_counter() - start)
-    return await in_batches(state, "text", batch.rows()), batch.truncated, batch.words
+    return text_queries(batch, await in_batches(state, "text", batch.rows())), batch.truncated
 
 
 def request_budget(state: AppState) -> PixelBudget:

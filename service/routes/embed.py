@@ -47,13 +47,12 @@ async def embed_text(body: TextRequest, state: AppState = Depends(get_state)) ->
     if len(body.texts) > state.settings.max_texts:
         raise ApiError(413, "too_many_texts", f"{len(body.texts)} texts, the limit is {state.settings.max_texts}")
     texts = [check_text(state, t, f"texts[{i}]") for i, t in enumerate(body.texts)]
-    embeddings, truncated, words = await embed_texts(state, texts)
+    queries, truncated = await embed_texts(state, texts)
     out = []
-    for emb, cut, toks in zip(embeddings, truncated, words, strict=True):
-        item = {"cls": emb.cls.tolist(), "truncated": cut}
+    for query, cut in zip(queries, truncated, strict=True):
+        item = {"cls": query.cls.tolist(), "truncated": cut}
         if body.tokens:
-            keep = emb.mask.astype(bool)
-            item["tokens"] = emb.tokens[keep].tolist()
-            item["words"] = [w for w, k in zip(toks, keep, strict=False) if k]
+            vectors, words = query.words()
+            item["tokens"], item["words"] = vectors.tolist(), words
         out.append(item)
     return {"model": state.card["name"], "dim": state.card["dim"], "embeddings": out}

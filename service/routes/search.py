@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BeforeValidator
 
 from index import Query, SearchHit
-from runtime.query import image_query, text_query
+from runtime.query import image_query
 from service import metrics
 from service.deadline import Shed, bounded_wait, check_deadline, overloaded
 from service.deps import AppState, get_state
@@ -79,9 +79,8 @@ async def search_text(body: TextSearch, state: AppState = Depends(get_state)) ->
     k, candidates = check_k(state, body.k, body.candidates)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    (emb,), (truncated,), (words,) = await embed_texts(state, [text])
+    (query,), (truncated,) = await embed_texts(state, [text])
     timings["encode"] = _ms(time.perf_counter() - t0)
-    query = text_query(emb, words)
     answer = await _search(state, query, k, candidates, body.rerank, body.explain, timings)
     timings["total"] = _ms(time.perf_counter() - start)
     return {**answer, "truncated": truncated, "candidates": candidates, "timings_ms": timings}
