@@ -31,6 +31,22 @@ def zscore(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
 
 
+def best_fusion(t2i, i2t, owner: np.ndarray, norm: str, t2i_cmli: np.ndarray | None = None) -> dict:
+    """The best Mean6 over fusion weights 0, 0.05, ... 1 (`Candidates` of both directions; `t2i_cmli`
+    replaces the text queries' CMLI scores, to compare scoring variants on the same candidates)."""
+    f = zscore if norm == "zscore" else (lambda x: x)
+    t2i_cmli = t2i.cmli if t2i_cmli is None else t2i_cmli
+    best: dict = {}
+    for w in np.round(np.linspace(0, 1, 21), 2):
+        mean6 = summarise(
+            i2t_recall(rerank(i2t.candidates, f(i2t.cls), f(i2t.cmli), w), owner),
+            t2i_recall(rerank(t2i.candidates, f(t2i.cls), f(t2i_cmli), w), owner),
+        )["mean6"]
+        if not best or mean6 > best["mean6"]:
+            best = {"mean6": mean6, "cls_weight": float(w)}
+    return best
+
+
 @torch.no_grad()
 def main(
     checkpoint: Path = typer.Option(..., help="a checkpoint with a fine-grained head"),
@@ -47,16 +63,7 @@ def main(
         t2i, i2t, owner = stage["t2i"], stage["i2t"], stage["caption_image"]
         cls_only = summarise(i2t_recall(i2t.candidates, owner), t2i_recall(t2i.candidates, owner))
         for norm in ("raw", "zscore"):
-            f = zscore if norm == "zscore" else (lambda x: x)
-            best = None
-            for w in np.round(np.linspace(0, 1, 21), 2):
-                mean6 = summarise(
-                    i2t_recall(rerank(i2t.candidates, f(i2t.cls), f(i2t.cmli), w), owner),
-                    t2i_recall(rerank(t2i.candidates, f(t2i.cls), f(t2i.cmli), w), owner),
-                )["mean6"]
-                if best is None or mean6 > best["mean6"]:
-                    best = {"mean6": mean6, "cls_weight": float(w)}
-            rows.append({"candidates": k, "scores": norm, **best})
+            rows.append({"candidates": k, "scores": norm, **best_fusion(t2i, i2t, owner, norm)})
             typer.echo(json.dumps(rows[-1]))
     report = {
         "machine": describe(),

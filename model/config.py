@@ -69,6 +69,7 @@ class FineGrainedConfig:
     vision_layers: tuple[int, ...] = (10,)
     hidden: int = 0
     context: int = 0  # kernel of the patch head's residual depthwise conv over the grid (0: none)
+    attention: int = 0  # self-attention blocks over the patch head's vectors, after the conv (0: none)
 
 
 @dataclass

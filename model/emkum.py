@@ -61,7 +61,9 @@ class FineGrainedHead(nn.Module):
     Trained on frozen tower features with token-level objectives (training/fine_grained.py); kept
     apart from the CLS projection so that making words point cannot cost global retrieval."""
 
-    def __init__(self, widths: tuple[int, ...], out_dim: int, hidden: int, context: int = 0) -> None:
+    def __init__(
+        self, widths: tuple[int, ...], out_dim: int, hidden: int, context: int = 0, attention: int = 0
+    ) -> None:
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
         width = sum(widths)
@@ -74,6 +76,11 @@ class FineGrainedHead(nn.Module):
             self.context = nn.Conv2d(out_dim, out_dim, context, padding=context // 2, groups=out_dim)
             nn.init.zeros_(self.context.weight)
             nn.init.zeros_(self.context.bias)
+        # patches only: pre-LN Transformer blocks over one image's patch vectors, so a patch can take
+        # from the rest of its object (or tile) wherever it lies, not only from its 3x3 neighbours
+        self.blocks = nn.ModuleList(
+            Block(out_dim, heads=max(1, out_dim // 64), mlp_ratio=2.0, layer_scale_init=0.1) for _ in range(attention)
+        )
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         x = torch.cat([norm(t) for norm, t in zip(self.norms, inputs, strict=True)], dim=-1)
@@ -86,6 +93,11 @@ class FineGrainedHead(nn.Module):
             flat = y.reshape(-1, n, d)
             grid = flat.transpose(1, 2).reshape(-1, d, side, side)
             y = y + self.context(grid).reshape(-1, d, n).transpose(1, 2).reshape(y.shape)
+        if len(self.blocks):
+            flat = y.reshape(-1, *y.shape[-2:])
+            for block in self.blocks:
+                flat = block(flat)
+            y = flat.reshape(y.shape)
         return F.normalize(y, dim=-1)
 
 
@@ -114,7 +126,7 @@ class Emkum(nn.Module):
         if fg is not None and not (fg.vision_layers and all(1 <= i <= cfg.vision.depth for i in fg.vision_layers)):
             raise ValueError(f"fine_grained.vision_layers must be in 1..{cfg.vision.depth}, got {fg.vision_layers}")
         widths = (cfg.vision.width,) * len(fg.vision_layers) if fg else ()
-        self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden, fg.context) if fg else None
+        self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden, fg.context, fg.attention) if fg else None
         self.fg_text = FineGrainedHead((cfg.text.width,), cfg.proj_dim, fg.hidden) if fg else None
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

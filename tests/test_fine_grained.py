@@ -126,16 +126,17 @@ def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
 def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
     from training.export import export
 
-    model = _tiny(FineGrainedConfig(vision_layers=(2,), hidden=0, context=3))
+    config = FineGrainedConfig(vision_layers=(2,), hidden=0, context=3, attention=1)
+    model = _tiny(config)
     torch.nn.init.normal_(model.fg_image.context.weight)  # not zero, so parity covers the conv
     save_checkpoint(tmp_path / "fg.safetensors", model, InitRecipe(), seed=0)
     again, header = load_checkpoint(tmp_path / "fg.safetensors")
-    assert header["config"].fine_grained == FineGrainedConfig(vision_layers=(2,), hidden=0, context=3)
+    assert header["config"].fine_grained == config
     torch.testing.assert_close(again.fg_text.proj.weight, model.fg_text.proj.weight)
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
     written = json.loads((tmp_path / "out" / "model.json").read_text())
-    assert written["model_config"]["fine_grained"] == {"vision_layers": [2], "hidden": 0, "context": 3}
+    assert written["model_config"]["fine_grained"] == {"vision_layers": [2], "hidden": 0, "context": 3, "attention": 1}
     assert written["fine_grained"]["vision_layers"] == [2]
 
 
@@ -282,8 +283,57 @@ def test_training_can_continue_from_a_checkpoints_own_head(tmp_path, rng):
     _, history = train_heads(train, val, cfg.model_copy(update={"epochs": 1, "lr": 1e-6}), start=start)
     assert [row["epoch"] for row in history] == [0, 1]
     assert history[0]["pointing2"] >= 98 and history[1]["pointing2"] >= 98, history
+    # a head may gain attention blocks (fresh) on top of the checkpoint's; other shapes are refused
+    grown = cfg.model_copy(update={"epochs": 1, "lr": 1e-6, "attention": 1})
+    assert train_heads(train, None, grown, start=start)[1] == [{"epoch": 1, "seconds": pytest.approx(0, abs=60)}]
+    with pytest.raises(ValueError, match="does not fit"):
+        train_heads(train, None, cfg.model_copy(update={"context": 0}), start=start)
     with pytest.raises(ValueError, match="has a fine-grained head"):
         train_heads(train, val, cfg, start=SimpleNamespace(fg_image=None, fg_text=None))
+
+
+@pytest.mark.parametrize(("grid", "g"), [(16, 2), (16, 3), (4, 2)])
+def test_cell_blocks_are_the_cells_patch_cells_assigns(grid, g):
+    from training.fine_grained import cell_blocks
+
+    owner = np.full((grid, grid), -1)
+    for k, (rows, cols) in enumerate(cell_blocks(grid, g)):
+        assert (owner[rows, cols] == -1).all()  # no patch in two cells
+        owner[rows, cols] = k
+    np.testing.assert_array_equal(owner.reshape(-1), patch_cells(grid, g))
+
+
+def test_the_tile_term_is_near_zero_where_each_cell_shows_its_tile_and_high_where_it_does_not(tmp_path, rng):
+    """On the known-answer cache each collage cell holds its tile's concept and a tile alone shows
+    it everywhere: any per-patch head maps a cell's patches onto its tile's, and onto another tile's
+    only by chance."""
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import Heads, _rows, load_cache, tile_loss
+
+    synthetic_cache(tmp_path / "train", rng)
+    cache = load_cache(SplitFeatures.load(tmp_path / "train"), (1,))
+    torch.manual_seed(0)
+    heads = Heads((8,), 8, 16, 0)
+    idx = np.arange(32)
+    with torch.no_grad():
+        patches = heads.image(*(_rows(a, idx) for a in cache["collage2"]))
+        right = float(tile_loss(heads, cache, 2, idx, patches))
+        cache["collage2_images"] = cache["collage2_images"][:, ::-1]  # every cell now names another concept's tile
+        wrong = float(tile_loss(heads, cache, 2, idx, patches))
+    assert right < 0.05 and wrong > 0.3, (right, wrong)
+
+
+def test_the_tile_term_trains_with_the_others_and_keeps_the_known_answer(tmp_path, rng):
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import FineGrainedTrainConfig, train_heads
+
+    synthetic_cache(tmp_path / "train", rng)
+    synthetic_cache(tmp_path / "val", np.random.default_rng(99))
+    train, val = SplitFeatures.load(tmp_path / "train"), SplitFeatures.load(tmp_path / "val")
+    cfg = FineGrainedTrainConfig(layers=(1,), epochs=8, batch=32, collage_batch=16, lr=1e-2, candidates=8, tile=1.0)
+    torch.manual_seed(0)
+    _, history = train_heads(train, val, cfg)
+    assert history[-1]["pointing2"] >= 98, history[-1]
 
 
 def test_heads_go_into_the_model_they_were_trained_for(rng):

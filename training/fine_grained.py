@@ -14,6 +14,10 @@ Objectives (weights in FineGrainedTrainConfig):
   cell's patches) on its own cell: a multiple-instance form of pointing with the answer built in;
 - `word`: each content word's softmax over the collage's patches must put its mass in its caption's
   cell (the `explain` heatmap is exactly this similarity map).
+- `tile`: each collage patch's vector must match (cosine) its tile's own patch vectors seen alone at
+  full resolution, average-pooled onto the cell's patches (stop-gradient on the tile side): the
+  head learns to undo the mixing of neighbouring cells that a shrunken photo suffers in the tower,
+  from the single-image vectors that `filip` trains on all the training images.
 - `rerank`: the rerank's own task. Each query's first-stage candidates (top K by the served CLS
   vectors, on the training images) are ranked by the fused score the service uses, w * CLS +
   (1 - w) * CMLI, with CLS fixed: the cross-entropy of the true match teaches CMLI what CLS gets
@@ -50,6 +54,7 @@ class FineGrainedTrainConfig(BaseModel):
     layers: tuple[int, ...] = (10, 12)  # image-tower blocks the head reads (cached ones)
     hidden: int = 0  # MLP width inside the head (0: LayerNorm + Linear)
     context: int = 3  # kernel of the patch head's depthwise conv over the grid (model/emkum.py); 0: none
+    attention: int = 0  # self-attention blocks over the patch head's vectors (model/emkum.py); 0: none
     epochs: int = 5
     batch: int = 128  # single images per FILIP step
     collage_batch: int = 32  # collages per step
@@ -59,6 +64,7 @@ class FineGrainedTrainConfig(BaseModel):
     cell: float = 1.0
     word: float = 1.0
     word_temperature: float = 0.02
+    tile: float = 0.0  # the tile term (module docstring); off in the default recipe
     # FILIP batches made of groups of this many images that are each other's nearest by the served CLS
     # vectors: the in-batch negatives are then the first stage's own confusions, which is what a
     # rerank has to undo (1 = random batches, whose negatives CLS already tells apart)
@@ -81,10 +87,16 @@ class Heads(torch.nn.Module):
     """The two heads being trained, and the temperature of their contrastive terms."""
 
     def __init__(
-        self, vision_widths: tuple[int, ...], text_width: int, dim: int, hidden: int, context: int = 0
+        self,
+        vision_widths: tuple[int, ...],
+        text_width: int,
+        dim: int,
+        hidden: int,
+        context: int = 0,
+        attention: int = 0,
     ) -> None:
         super().__init__()
-        self.image = FineGrainedHead(vision_widths, dim, hidden, context)
+        self.image = FineGrainedHead(vision_widths, dim, hidden, context, attention)
         self.text = FineGrainedHead((text_width,), dim, hidden)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -146,13 +158,14 @@ def cell_scores(tokens: torch.Tensor, word: torch.Tensor, patches: torch.Tensor,
 
 def collage_losses(
     heads: Heads, cache: dict, g: int, idx: np.ndarray, cfg: FineGrainedTrainConfig, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `cell` and `word` terms on the g x g collages `idx`, one random caption per tile."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `cell`, `word` and `tile` terms on the g x g collages `idx`, one random caption per tile."""
     patches_all = cache[f"collage{g}"]
     groups = cache[f"collage{g}_images"][idx]  # [C, g*g] image indices
     order = np.sort(idx)
     inverse = np.searchsorted(order, idx)
     patches = heads.image(*(_rows(a, order)[inverse] for a in patches_all))
+    tile = tile_loss(heads, cache, g, idx, patches) if cfg.tile else torch.zeros(())
     rows = _caption_rows(cache, groups.reshape(-1), rng)
     tok, word, content = _texts(rows, cache["tokens"], cache["word"], cache["content"])
     tok = heads.text(tok).reshape(len(idx), g * g, tok.shape[1], -1)
@@ -168,7 +181,32 @@ def collage_losses(
     own = cells[None, None, None, :] == torch.arange(g * g)[None, :, None, None]  # [1, T, 1, N]
     inside = torch.logsumexp(logp.masked_fill(~own, float("-inf")), dim=-1)  # [C, T, M]
     word_loss = -(inside * content).sum() / content.sum().clamp_min(1)
-    return cell_loss, word_loss
+    return cell_loss, word_loss, tile
+
+
+def cell_blocks(grid: int, g: int) -> list[tuple[slice, slice]]:
+    """The patch rows and columns of each collage cell, row-major (the cells of `patch_cells`)."""
+    axis = np.minimum(((np.arange(grid) + 0.5) / grid * g).astype(int), g - 1)
+    spans = [slice(int(np.argmax(axis == a)), int(np.argmax(axis == a)) + int((axis == a).sum())) for a in range(g)]
+    return [(rows, cols) for rows in spans for cols in spans]
+
+
+def tile_loss(heads: Heads, cache: dict, g: int, idx: np.ndarray, patches: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between each collage patch [C, N, d] and its tile's own patch vectors (the tile
+    alone, at full resolution), average-pooled onto the cell's patches; the tile side is a target."""
+    groups = cache[f"collage{g}_images"][idx].reshape(-1)  # [C * g*g], row-major cells
+    order, inverse = np.unique(groups, return_inverse=True)
+    with torch.no_grad():
+        alone = heads.image(*(_rows(a, order) for a in cache["single"]))[torch.from_numpy(inverse)]
+    grid = math.isqrt(patches.shape[1])
+    alone = alone.reshape(len(idx), g * g, grid, grid, -1).permute(0, 1, 4, 2, 3)  # [C, cells, d, grid, grid]
+    student = patches.reshape(len(idx), grid, grid, -1)
+    losses = []
+    for k, (rows, cols) in enumerate(cell_blocks(grid, g)):
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        target = F.normalize(F.adaptive_avg_pool2d(alone[:, k], shape).permute(0, 2, 3, 1), dim=-1)
+        losses.append(1 - (F.normalize(student[:, rows, cols], dim=-1) * target).sum(-1).mean())
+    return torch.stack(losses).mean()
 
 
 def _rows(arrays: np.ndarray, rows) -> torch.Tensor:
@@ -300,12 +338,20 @@ def train_heads(
     single = cache["single"]
     n_images = len(single[0])
     heads = Heads(
-        tuple(a.shape[-1] for a in single), cache["tokens"].shape[-1], train.meta["dim"], cfg.hidden, cfg.context
+        tuple(a.shape[-1] for a in single),
+        cache["tokens"].shape[-1],
+        train.meta["dim"],
+        cfg.hidden,
+        cfg.context,
+        cfg.attention,
     )
     if start is not None:
         if start.fg_image is None:
             raise ValueError("train.init = 'checkpoint' needs a checkpoint that has a fine-grained head")
-        heads.image.load_state_dict(start.fg_image.state_dict())
+        # a head may gain attention blocks on the way (they start fresh); nothing else may differ
+        missing, unexpected = heads.image.load_state_dict(start.fg_image.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("blocks.") for k in missing):
+            raise ValueError(f"the checkpoint's head does not fit: missing {missing}, unexpected {unexpected}")
         heads.text.load_state_dict(start.fg_text.state_dict())
     decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
@@ -349,8 +395,11 @@ def train_heads(
                 g = collage_sets[step % len(collage_sets)]
                 n_col = len(cache[f"collage{g}_images"])
                 cidx = rng.choice(n_col, size=min(cfg.collage_batch, n_col), replace=False)
-                parts["cell"], parts["word"] = collage_losses(heads, cache, g, cidx, cfg, rng)
+                parts["cell"], parts["word"], tile = collage_losses(heads, cache, g, cidx, cfg, rng)
                 loss = loss + cfg.cell * parts["cell"] + cfg.word * parts["word"]
+                if cfg.tile:
+                    parts["tile"] = tile
+                    loss = loss + cfg.tile * tile
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
@@ -479,7 +528,9 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
     import copy
 
     out_cfg = copy.deepcopy(model.cfg)
-    out_cfg.fine_grained = FineGrainedConfig(vision_layers=tuple(cfg.layers), hidden=cfg.hidden, context=cfg.context)
+    out_cfg.fine_grained = FineGrainedConfig(
+        vision_layers=tuple(cfg.layers), hidden=cfg.hidden, context=cfg.context, attention=cfg.attention
+    )
     new = Emkum(out_cfg)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("fg_image.", "fg_text.")) for k in missing), missing
