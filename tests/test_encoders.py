@@ -110,6 +110,28 @@ def test_the_export_machine_picks_the_fastest_graph_that_passed_parity():
     assert choose_cpu_precision({"fp32": 30.0, "int8": 25.0}, {"fp32": True, "int8": True}) == "fp32"
 
 
+def test_the_export_times_its_candidates_in_turns_so_a_drift_falls_on_both():
+    """training/quantize.interleaved_seconds: one warm-up each, then rounds in alternating order (a b,
+    b a, ...), medians per candidate. The machine here slows down as it goes (each call sleeps a
+    little longer than the one before): timed one block after the other, the faster candidate timed
+    last would look slower; in turns it does not."""
+    from training.quantize import interleaved_seconds
+
+    order: list[str] = []
+
+    def call(name: str, base: float):
+        def run() -> None:
+            order.append(name)
+            time.sleep(base + 0.004 * len(order))  # the drift: every call a little slower
+
+        return run
+
+    medians = interleaved_seconds({"slow": call("slow", 0.05), "fast": call("fast", 0.02)}, rounds=8)
+    assert order[:2] == ["slow", "fast"]  # the warm-ups
+    assert order[2:] == ["slow", "fast", "fast", "slow"] * 4
+    assert medians["fast"] < medians["slow"] - 0.02, medians
+
+
 def test_int8_encoders_agree_with_fp32_and_a_refused_int8_is_left_out(tiny_model_dir, tmp_path):
     from training.export import export
 

@@ -34,9 +34,8 @@ from training.quantize import (
     INT8_TOLERANCE,
     choose_cpu_precision,
     cpu_name,
-    images_per_second,
+    image_and_query_seconds,
     quantize_int8,
-    query_seconds,
 )
 
 FORMAT_VERSION = 1
@@ -254,13 +253,11 @@ def _int8_variant(
         return {}, {"precision": "fp32", **cpu, "int8_refused": refused}
     parity["int8"] = errors
     size, length = model.cfg.vision.image_size, min(16, model.cfg.text.max_length)
-    seconds = {
-        name: 1 / images_per_second(folder / image, size) + query_seconds(folder / text, length)
-        for name, image, text in (
-            ("fp32", "image.onnx", "text.onnx"),
-            ("int8", files["image_int8"], files["text_int8"]),
-        )
+    graphs = {
+        "fp32": (folder / "image.onnx", folder / "text.onnx"),
+        "int8": (folder / files["image_int8"], folder / files["text_int8"]),
     }
+    seconds = image_and_query_seconds(graphs, size, length)
     choice = choose_cpu_precision({k: 1 / v for k, v in seconds.items()}, {"fp32": True, "int8": True})
     cpu.update(
         precision=choice,

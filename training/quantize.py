@@ -17,6 +17,7 @@ uint8 x int8 kernel saturates without VNNI (runtime/cpu.py; `benchmarks/int8_wei
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +54,37 @@ def quantize_int8(src: Path, dst: Path, weights: str = "s8", reduce_range: bool 
     )
 
 
-def _median_seconds(graph: Path, feed: dict[str, np.ndarray], repeats: int) -> float:
-    """Median seconds of one call of `graph` on this machine's CPU, opened as the service opens it,
-    after one warm-up call."""
+def interleaved_seconds(calls: dict[str, Callable[[], object]], rounds: int = 9) -> dict[str, float]:
+    """Median seconds of each call, after one warm-up each, timed in turns (a b, b a, a b, ...): a
+    drift of the machine's speed (a busy neighbour, a clock change) then falls on every candidate
+    alike instead of on whichever was timed last. Timing each graph in its own block let the export
+    on a 2-core AMD box call fp32 faster than uint8 (113 against 130 ms) where 10 interleaved repeats
+    of benchmarks/int8_weights.py measured uint8 1.3-1.4x faster."""
+    names = list(calls)
+    for name in names:
+        calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def image_and_query_seconds(variants: dict[str, tuple[Path, Path]], image_size: int, length: int) -> dict[str, float]:
+    """For each variant (its image graph, its text graph): the median seconds of one image and one
+    `length`-token query, the graphs opened as the service opens them, timed interleaved."""
     from runtime.encoders import open_session
 
-    session = open_session(graph, ["CPUExecutionProvider"])
-    session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def images_per_second(graph: Path, image_size: int, batch: int = 1, repeats: int = 5) -> float:
-    """Median images/s of the image graph `graph`."""
-    x = np.random.default_rng(0).normal(size=(batch, 3, image_size, image_size)).astype(np.float32)
-    return batch / _median_seconds(graph, {"pixels": x}, repeats)
-
-
-def query_seconds(graph: Path, length: int, repeats: int = 20) -> float:
-    """Median seconds of one text query of `length` tokens through the text graph `graph`."""
-    feed = {"ids": np.full((1, length), 1000, dtype=np.int64), "mask": np.ones((1, length), dtype=np.int64)}
-    return _median_seconds(graph, feed, repeats)
+    pixels = {"pixels": np.random.default_rng(0).normal(size=(1, 3, image_size, image_size)).astype(np.float32)}
+    query = {"ids": np.full((1, length), 1000, dtype=np.int64), "mask": np.ones((1, length), dtype=np.int64)}
+    calls = {}
+    for name, (image, text) in variants.items():
+        image_session = open_session(image, ["CPUExecutionProvider"])
+        text_session = open_session(text, ["CPUExecutionProvider"])
+        calls[name] = lambda i=image_session, t=text_session: (i.run(None, pixels), t.run(None, query))
+    return interleaved_seconds(calls)
 
 
 def cpu_name() -> str:
