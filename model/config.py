@@ -70,6 +70,8 @@ class FineGrainedConfig:
     hidden: int = 0
     context: int = 0  # kernel of the patch head's residual depthwise conv over the grid (0: none)
     attention: int = 0  # self-attention blocks over the patch head's vectors, after the conv (0: none)
+    # words only: each word's vector plus this times its caption's mean word vector (model/emkum.py)
+    caption_context: float = 0.0
 
 
 @dataclass

@@ -62,9 +62,19 @@ class FineGrainedHead(nn.Module):
     apart from the CLS projection so that making words point cannot cost global retrieval."""
 
     def __init__(
-        self, widths: tuple[int, ...], out_dim: int, hidden: int, context: int = 0, attention: int = 0
+        self,
+        widths: tuple[int, ...],
+        out_dim: int,
+        hidden: int,
+        context: int = 0,
+        attention: int = 0,
+        caption_context: float = 0.0,
     ) -> None:
         super().__init__()
+        # words only: each word's vector leans towards its caption's mean word vector, so "man" in
+        # "a man in a red shirt" looks for the man in red where several tiles or people show a man
+        # (docs/fine-grained.md: 40% of the 3x3 test's content words are named by another tile too)
+        self.caption_context = caption_context
         self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
         width = sum(widths)
         self.mlp = Mlp(width, hidden) if hidden > 0 else None
@@ -82,7 +92,8 @@ class FineGrainedHead(nn.Module):
             Block(out_dim, heads=max(1, out_dim // 64), mlp_ratio=2.0, layer_scale_init=0.1) for _ in range(attention)
         )
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        """`words` [..., L] (1 on a caption's words): needed when the head adds caption context."""
         x = torch.cat([norm(t) for norm, t in zip(self.norms, inputs, strict=True)], dim=-1)
         if self.mlp is not None:
             x = x + self.mlp(x)
@@ -98,7 +109,14 @@ class FineGrainedHead(nn.Module):
             for block in self.blocks:
                 flat = block(flat)
             y = flat.reshape(y.shape)
-        return F.normalize(y, dim=-1)
+        y = F.normalize(y, dim=-1)
+        if self.caption_context:
+            if words is None:
+                raise ValueError("this head adds caption context: pass the word mask")
+            w = words.to(y.dtype)[..., None]
+            mean = (y * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1)
+            y = F.normalize(y + self.caption_context * mean, dim=-1)
+        return y
 
 
 class Emkum(nn.Module):
@@ -127,7 +145,11 @@ class Emkum(nn.Module):
             raise ValueError(f"fine_grained.vision_layers must be in 1..{cfg.vision.depth}, got {fg.vision_layers}")
         widths = (cfg.vision.width,) * len(fg.vision_layers) if fg else ()
         self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden, fg.context, fg.attention) if fg else None
-        self.fg_text = FineGrainedHead((cfg.text.width,), cfg.proj_dim, fg.hidden) if fg else None
+        self.fg_text = (
+            FineGrainedHead((cfg.text.width,), cfg.proj_dim, fg.hidden, caption_context=fg.caption_context)
+            if fg
+            else None
+        )
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -165,10 +187,10 @@ class Emkum(nn.Module):
         tower = self.text(ids, mask, before)
         hidden = self._shared(self.text_adapter(tower), TEXT_TYPE, mask)
         emb = F.normalize(self.text_proj(hidden), dim=-1)
-        if self.fg_text is not None:  # position 0 stays the CLS vector; the rest are the words' CMLI vectors
-            emb = torch.cat([emb[:, :1], self.fg_text(tower[:, 1:])], dim=1)
         t = self.cfg.text
         word = mask.to(torch.bool) & (ids != t.cls_token_id) & (ids != t.sep_token_id)
+        if self.fg_text is not None:  # position 0 stays the CLS vector; the rest are the words' CMLI vectors
+            emb = torch.cat([emb[:, :1], self.fg_text(tower[:, 1:], words=word[:, 1:])], dim=1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
         return TextOutput(cls=emb[:, 0], tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd, tower=tower)
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from runtime.encoders import Encoders
 from runtime.images import preprocess
+from runtime.query import embed_text_queries
 from runtime.tokenizer import TextTokenizer
 from service.cli import demo_images
 
@@ -52,7 +53,7 @@ def test_the_default_model_finds_real_photos_by_text(default_model, precision):
     try:
         images = np.stack([e.cls for e in encoders.embed_images_now(pixels)])
         queries = {"a rocket launching into the sky": "rocket.jpg", "a man riding a motorcycle": "motorcycle_left.png"}
-        texts = encoders.embed_tokens_now(tokenizer(list(queries)).rows())
+        texts = embed_text_queries(tokenizer, encoders.embed_tokens_now, list(queries))
     finally:
         encoders.close()
     for (query, expected), text in zip(queries.items(), texts, strict=True):
@@ -94,9 +95,9 @@ def test_the_default_model_points_words_at_their_photos_in_collages(default_mode
             photos = [np.asarray(Image.open(demo_images() / n).convert("RGB")) for n in names]
             collage = Image.fromarray(make_collage(photos, spec["size"]))
             (image,) = encoders.embed_images_now([preprocess(collage, spec["size"], spec["mean"], spec["std"])])
-            batch = tokenizer([QUERIES[n] for n in names])
-            for cell, text in enumerate(encoders.embed_tokens_now(batch.rows())):
-                words, maps = content_word_maps(text.tokens @ image.patches.T, batch.words[cell][: len(text.mask)])
+            queries = embed_text_queries(tokenizer, encoders.embed_tokens_now, [QUERIES[n] for n in names])
+            for cell, query in enumerate(queries):
+                words, maps = content_word_maps(query.vectors @ image.patches.T, query.labels)
                 for word, heat in zip(words, maps, strict=True):
                     if word != "photo":
                         words_seen += 1

@@ -123,10 +123,32 @@ def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
         _tiny(FineGrainedConfig(vision_layers=(9,)))
 
 
+def test_caption_context_adds_the_captions_mean_word_and_ignores_what_is_not_a_word():
+    """FineGrainedHead(caption_context=b): each vector + b x the mean of its caption's word vectors,
+    renormalised; padding and [SEP] (not words) change nothing; b = 0 is the plain head."""
+    from model.emkum import FineGrainedHead
+
+    torch.manual_seed(0)
+    plain = FineGrainedHead((8,), 16, 0)
+    lean = FineGrainedHead((8,), 16, 0, caption_context=0.5)
+    lean.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 8)
+    words = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    y = plain(x)
+    mean = (y * words[..., None]).sum(1, keepdim=True) / words.sum(1, keepdim=True)[..., None]
+    torch.testing.assert_close(lean(x, words=words), torch.nn.functional.normalize(y + 0.5 * mean, dim=-1))
+    padded = x.clone()
+    padded[:, 3:] = torch.randn(2, 2, 8) * 100  # whatever sits where there are no words
+    torch.testing.assert_close(lean(padded, words=words)[:, :2], lean(x, words=words)[:, :2])
+    torch.testing.assert_close(plain(x, words=words), y)
+    with pytest.raises(ValueError, match="word mask"):
+        lean(x)
+
+
 def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
     from training.export import export
 
-    config = FineGrainedConfig(vision_layers=(2,), hidden=0, context=3, attention=1)
+    config = FineGrainedConfig(vision_layers=(2,), hidden=0, context=3, attention=1, caption_context=0.5)
     model = _tiny(config)
     torch.nn.init.normal_(model.fg_image.context.weight)  # not zero, so parity covers the conv
     save_checkpoint(tmp_path / "fg.safetensors", model, InitRecipe(), seed=0)
@@ -136,7 +158,13 @@ def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
     written = json.loads((tmp_path / "out" / "model.json").read_text())
-    assert written["model_config"]["fine_grained"] == {"vision_layers": [2], "hidden": 0, "context": 3, "attention": 1}
+    assert written["model_config"]["fine_grained"] == {
+        "vision_layers": [2],
+        "hidden": 0,
+        "context": 3,
+        "attention": 1,
+        "caption_context": 0.5,
+    }
     assert written["fine_grained"]["vision_layers"] == [2]
 
 
@@ -288,6 +316,9 @@ def test_training_can_continue_from_a_checkpoints_own_head(tmp_path, rng):
     assert train_heads(train, None, grown, start=start)[1] == [{"epoch": 1, "seconds": pytest.approx(0, abs=60)}]
     with pytest.raises(ValueError, match="does not fit"):
         train_heads(train, None, cfg.model_copy(update={"context": 0}), start=start)
+    # epochs = 0: the checkpoint's head as it is, evaluated (how a new caption_context is given to it)
+    _, history = train_heads(train, val, cfg.model_copy(update={"epochs": 0, "caption_context": 1.0}), start=start)
+    assert [row["epoch"] for row in history] == [0] and history[0]["pointing2"] >= 98, history
     with pytest.raises(ValueError, match="has a fine-grained head"):
         train_heads(train, val, cfg, start=SimpleNamespace(fg_image=None, fg_text=None))
 

@@ -66,7 +66,9 @@ def text_stages(model: Emkum, ids: torch.Tensor, mask: torch.Tensor) -> dict[str
     out["shared projection"] = F.normalize(model.text_proj(model.final_norm(h)), dim=-1)
     fg = model.cfg.fine_grained
     if fg:
-        out[fine_grained_stage(model)] = model.fg_text(tower)
+        t = model.cfg.text
+        words = mask.bool() & (ids != t.cls_token_id) & (ids != t.sep_token_id)
+        out[fine_grained_stage(model)] = model.fg_text(tower, words=words)
     return out
 
 

@@ -64,6 +64,10 @@ class FineGrainedTrainConfig(BaseModel):
     cell: float = 1.0
     word: float = 1.0
     word_temperature: float = 0.02
+    # each word's vector + this x its caption's mean word vector (model/emkum.py FineGrainedHead), in
+    # every term and in the evaluation. The shipped head was trained at 0 and given 1.0 afterwards
+    # (epochs = 0 from the checkpoint; chosen on val half a, benchmarks/caption_context.py)
+    caption_context: float = 0.0
     tile: float = 0.0  # the tile term (module docstring); off in the default recipe
     # FILIP batches made of groups of this many images that are each other's nearest by the served CLS
     # vectors: the in-batch negatives are then the first stage's own confusions, which is what a
@@ -94,10 +98,11 @@ class Heads(torch.nn.Module):
         hidden: int,
         context: int = 0,
         attention: int = 0,
+        caption_context: float = 0.0,
     ) -> None:
         super().__init__()
         self.image = FineGrainedHead(vision_widths, dim, hidden, context, attention)
-        self.text = FineGrainedHead((text_width,), dim, hidden)
+        self.text = FineGrainedHead((text_width,), dim, hidden, caption_context=caption_context)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
@@ -168,7 +173,7 @@ def collage_losses(
     tile = tile_loss(heads, cache, g, idx, patches) if cfg.tile else torch.zeros(())
     rows = _caption_rows(cache, groups.reshape(-1), rng)
     tok, word, content = _texts(rows, cache["tokens"], cache["word"], cache["content"])
-    tok = heads.text(tok).reshape(len(idx), g * g, tok.shape[1], -1)
+    tok = heads.text(tok, words=word).reshape(len(idx), g * g, tok.shape[1], -1)
     word = word.reshape(len(idx), g * g, -1)
     content = content.reshape(len(idx), g * g, -1)
     cells = torch.from_numpy(patch_cells(math.isqrt(patches.shape[1]), g))
@@ -219,8 +224,8 @@ def swap_scores(heads: Heads, cache: dict, chosen: np.ndarray, patches: torch.Te
     sw = cache["swap"]
     pos, pos_word, _ = _texts(sw["positive"][chosen], cache["tokens"], cache["word"], cache["content"])
     neg, neg_word, _ = _texts(chosen, sw["tokens"], sw["word"], sw["content"])
-    s_pos = cmli_pairs(heads.text(pos), pos_word, patches)[0]
-    s_neg = cmli_pairs(heads.text(neg), neg_word, patches)[0]
+    s_pos = cmli_pairs(heads.text(pos, words=pos_word), pos_word, patches)[0]
+    s_neg = cmli_pairs(heads.text(neg, words=neg_word), neg_word, patches)[0]
     return s_pos, s_neg
 
 
@@ -279,7 +284,7 @@ def rerank_loss(heads: Heads, cache: dict, stage: FirstStage, cfg: FineGrainedTr
     images, inverse = np.unique(cand, return_inverse=True)
     patches = heads.image(*(_rows(a, images) for a in cache["single"]))[torch.from_numpy(inverse.reshape(cand.shape))]
     tok, word, _ = _texts(q, cache["tokens"], cache["word"], cache["content"])
-    cmli = cmli_t2i_candidates(heads.text(tok), word, patches)[0]
+    cmli = cmli_t2i_candidates(heads.text(tok, words=word), word, patches)[0]
     logits = scale * (w * torch.from_numpy(stage.t2i_cls[q]) + (1 - w) * cmli)
     positive = torch.from_numpy(cand == stage.caption_image[q][:, None])
     # image -> text
@@ -287,7 +292,7 @@ def rerank_loss(heads: Heads, cache: dict, stage: FirstStage, cfg: FineGrainedTr
     cand_t = stage.i2t[i]
     image_patches = heads.image(*(_rows(a, i) for a in cache["single"]))
     tok, word, _ = _texts(cand_t.reshape(-1), cache["tokens"], cache["word"], cache["content"])
-    tokens = heads.text(tok).reshape(*cand_t.shape, tok.shape[1], -1)
+    tokens = heads.text(tok, words=word).reshape(*cand_t.shape, tok.shape[1], -1)
     cmli_i = cmli_i2t_candidates(image_patches, tokens, word.reshape(*cand_t.shape, -1))
     logits = torch.cat([logits, scale * (w * torch.from_numpy(stage.i2t_cls[i]) + (1 - w) * cmli_i)])
     positive = torch.cat([positive, torch.from_numpy(stage.caption_image[cand_t] == i[:, None])])
@@ -344,6 +349,7 @@ def train_heads(
         cfg.hidden,
         cfg.context,
         cfg.attention,
+        cfg.caption_context,
     )
     if start is not None:
         if start.fg_image is None:
@@ -360,7 +366,7 @@ def train_heads(
     )
     steps_per_epoch = n_images // cfg.batch
     train_cls = train.array("single_cls")
-    total = steps_per_epoch * cfg.epochs
+    total = max(1, steps_per_epoch * cfg.epochs)  # epochs = 0: only the starting head's evaluation
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
@@ -381,7 +387,7 @@ def train_heads(
             if cfg.filip:
                 patches = heads.image(*(_rows(a, idx) for a in single))
                 tok, word, _ = _texts(_caption_rows(cache, idx, rng), cache["tokens"], cache["word"], cache["content"])
-                tokens = heads.text(tok)
+                tokens = heads.text(tok, words=word)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=has_native_bf16()):
                     parts["filip"] = cmli_contrastive_loss(patches, tokens, word, heads.logit_scale).float()
                 loss = loss + cfg.filip * parts["filip"]
@@ -436,7 +442,7 @@ def two_stage_scores(image_head, text_head, feats: SplitFeatures, cache: dict, k
         [image_head(*(_rows(a, slice(s, s + 256)) for a in cache["single"])) for s in range(0, len(img_cls), 256)]
     )
     tok, word, _ = _texts(np.arange(len(txt_cls)), cache["tokens"], cache["word"], cache["content"])
-    tokens = text_head(tok)
+    tokens = text_head(tok, words=word)
     sim = txt_cls @ img_cls.T
     t2i_s, t2i_c = sim.topk(k, dim=1)
     i2t_s, i2t_c = sim.T.topk(k, dim=1)
@@ -529,7 +535,11 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
 
     out_cfg = copy.deepcopy(model.cfg)
     out_cfg.fine_grained = FineGrainedConfig(
-        vision_layers=tuple(cfg.layers), hidden=cfg.hidden, context=cfg.context, attention=cfg.attention
+        vision_layers=tuple(cfg.layers),
+        hidden=cfg.hidden,
+        context=cfg.context,
+        attention=cfg.attention,
+        caption_context=cfg.caption_context,
     )
     new = Emkum(out_cfg)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
@@ -605,6 +615,8 @@ def run(cfg: FineGrainedRun) -> dict:
         "chosen_on": f"val half {cfg.val_half}",
     }
     extra["fine_grained"] = {"train": cfg.train.model_dump(), f"val_{cfg.val_half}": final}
+    if cfg.train.init == "checkpoint" and "fine_grained" in header["extra"]:  # how the head it continued was made
+        extra["fine_grained"]["continued_from"] = header["extra"]["fine_grained"]
     save_checkpoint(
         out,
         merged,
