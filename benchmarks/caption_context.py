@@ -37,15 +37,14 @@ def main(
     model, _ = load_checkpoint(checkpoint)
     fg = model.cfg.fine_grained
     feats = SplitFeatures.load(cache)
+    cfg = FineGrainedTrainConfig(layers=fg.vision_layers, hidden=fg.hidden, context=fg.context, attention=fg.attention)
+    widths = tuple(norm.normalized_shape[0] for norm in model.fg_image.norms)
+    heads = Heads(widths, model.cfg.text.width, model.cfg.proj_dim, fg.hidden, fg.context, fg.attention)
+    heads.image.load_state_dict(model.fg_image.state_dict())
+    heads.text.load_state_dict(model.fg_text.state_dict())
     rows = []
     for beta in (float(b) for b in betas.split(",")):
-        cfg = FineGrainedTrainConfig(
-            layers=fg.vision_layers, hidden=fg.hidden, context=fg.context, attention=fg.attention, caption_context=beta
-        )
-        widths = tuple(model.fg_image.norms[i].normalized_shape[0] for i in range(len(fg.vision_layers)))
-        heads = Heads(widths, model.cfg.text.width, model.cfg.proj_dim, fg.hidden, fg.context, fg.attention, beta)
-        heads.image.load_state_dict(model.fg_image.state_dict())
-        heads.text.load_state_dict(model.fg_text.state_dict())
+        heads.text.caption_context = beta  # not a weight: the same head, its words given more caption
         result = evaluate_heads(heads, feats, cfg)
         rows.append({"caption_context": beta, **{k: result[k] for k in KEYS}})
         typer.echo(json.dumps(rows[-1]))

@@ -12,7 +12,7 @@ import torch
 
 from model.checkpoint import InitRecipe, build_model, load_checkpoint, save_checkpoint
 from model.config import FineGrainedConfig, load_config
-from training.collage import cell_edges, collage_groups, make_collage, patch_cells
+from training.collage import cell_blocks, cell_edges, collage_groups, make_collage, patch_cells
 from training.data import Pair, half_of, select_half
 from training.pointing import PointingTally, common_share, patch_locality, word_groups
 from training.swaps import KINDS, PLURAL_NOUNS, make_swaps, swap_word
@@ -325,8 +325,6 @@ def test_training_can_continue_from_a_checkpoints_own_head(tmp_path, rng):
 
 @pytest.mark.parametrize(("grid", "g"), [(16, 2), (16, 3), (4, 2)])
 def test_cell_blocks_are_the_cells_patch_cells_assigns(grid, g):
-    from training.fine_grained import cell_blocks
-
     owner = np.full((grid, grid), -1)
     for k, (rows, cols) in enumerate(cell_blocks(grid, g)):
         assert (owner[rows, cols] == -1).all()  # no patch in two cells

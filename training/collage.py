@@ -31,11 +31,25 @@ def make_collage(images: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
+def _cell_of_row(grid: int, g: int) -> np.ndarray:
+    """For each of the grid patch rows (or columns), the row (column) of cells its centre lies in."""
+    centres = (np.arange(grid) + 0.5) / grid  # in units of the image side
+    return np.minimum((centres * g).astype(int), g - 1)
+
+
 def patch_cells(grid: int, g: int) -> np.ndarray:
     """For each of the grid x grid patches (row-major), the collage cell its centre lies in: [grid^2]."""
-    centres = (np.arange(grid) + 0.5) / grid  # in units of the image side
-    cell_of = np.minimum((centres * g).astype(int), g - 1)
+    cell_of = _cell_of_row(grid, g)
     return (cell_of[:, None] * g + cell_of[None, :]).reshape(-1)
+
+
+def cell_blocks(grid: int, g: int) -> list[tuple[slice, slice]]:
+    """The patch rows and columns of each collage cell, row-major: the cells of `patch_cells` as
+    blocks of the patch grid (each cell's patches are contiguous in both directions)."""
+    cell_of = _cell_of_row(grid, g)
+    starts = np.searchsorted(cell_of, np.arange(g + 1))
+    spans = [slice(int(starts[a]), int(starts[a + 1])) for a in range(g)]
+    return [(rows, cols) for rows in spans for cols in spans]
 
 
 def collage_groups(n_images: int, g: int, seed: int = 0) -> np.ndarray:

@@ -43,7 +43,7 @@ from model.cmli import cmli_i2t_candidates, cmli_pairs, cmli_t2i_candidates
 from model.config import FineGrainedConfig
 from model.emkum import Emkum, FineGrainedHead
 from runtime.cpu import has_native_bf16
-from training.collage import patch_cells
+from training.collage import cell_blocks, patch_cells
 from training.feature_cache import SplitFeatures
 from training.losses import cmli_contrastive_loss
 from training.metrics import i2t_recall, rerank, summarise, t2i_recall
@@ -187,13 +187,6 @@ def collage_losses(
     inside = torch.logsumexp(logp.masked_fill(~own, float("-inf")), dim=-1)  # [C, T, M]
     word_loss = -(inside * content).sum() / content.sum().clamp_min(1)
     return cell_loss, word_loss, tile
-
-
-def cell_blocks(grid: int, g: int) -> list[tuple[slice, slice]]:
-    """The patch rows and columns of each collage cell, row-major (the cells of `patch_cells`)."""
-    axis = np.minimum(((np.arange(grid) + 0.5) / grid * g).astype(int), g - 1)
-    spans = [slice(int(np.argmax(axis == a)), int(np.argmax(axis == a)) + int((axis == a).sum())) for a in range(g)]
-    return [(rows, cols) for rows in spans for cols in spans]
 
 
 def tile_loss(heads: Heads, cache: dict, g: int, idx: np.ndarray, patches: torch.Tensor) -> torch.Tensor:
