@@ -37,7 +37,9 @@ def main(
     model, _ = load_checkpoint(checkpoint)
     fg = model.cfg.fine_grained
     feats = SplitFeatures.load(cache)
-    cfg = FineGrainedTrainConfig(layers=fg.vision_layers, hidden=fg.hidden, context=fg.context, attention=fg.attention)
+    cfg = FineGrainedTrainConfig(
+        layers=fg.vision_layers, hidden=fg.hidden, context=fg.context, attention=fg.attention, cnn=fg.cnn
+    )
     widths = tuple(norm.normalized_shape[0] for norm in model.fg_image.norms)
     heads = Heads(widths, model.cfg.text.width, model.cfg.proj_dim, fg.hidden, fg.context, fg.attention)
     heads.image.load_state_dict(model.fg_image.state_dict())

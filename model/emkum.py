@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.cnn import build_cnn
 from model.config import EmkumConfig
 from model.encoders import TextTransformer, VisionTransformer
 from model.layers import Block, LayerScale, Mlp, key_padding_bias
@@ -143,7 +144,10 @@ class Emkum(nn.Module):
         fg = cfg.fine_grained
         if fg is not None and not (fg.vision_layers and all(1 <= i <= cfg.vision.depth for i in fg.vision_layers)):
             raise ValueError(f"fine_grained.vision_layers must be in 1..{cfg.vision.depth}, got {fg.vision_layers}")
+        # the optional second tower (model/cnn.py): frozen, its maps read by the patch head after the blocks
+        self.cnn = build_cnn(fg.cnn, cfg.vision.mean, cfg.vision.std, cfg.vision.grid) if fg else None
         widths = (cfg.vision.width,) * len(fg.vision_layers) if fg else ()
+        widths += tuple(self.cnn.widths) if self.cnn is not None else ()
         self.fg_image = FineGrainedHead(widths, cfg.proj_dim, fg.hidden, fg.context, fg.attention) if fg else None
         self.fg_text = (
             FineGrainedHead((cfg.text.width,), cfg.proj_dim, fg.hidden, caption_context=fg.caption_context)
@@ -179,7 +183,11 @@ class Emkum(nn.Module):
         hidden = self._shared(self.vision_adapter(tower), IMAGE_TYPE, None)
         emb = F.normalize(self.image_proj(hidden), dim=-1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        patches = self.fg_image(*(layers[i][:, 1:] for i in keep)) if keep else emb[:, 1:]
+        if keep:
+            maps = self.cnn(pixels) if self.cnn is not None else []
+            patches = self.fg_image(*(layers[i][:, 1:] for i in keep), *maps)
+        else:
+            patches = emb[:, 1:]
         return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd, layers=layers)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:

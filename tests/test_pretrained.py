@@ -74,6 +74,37 @@ def test_efficientnet_teacher_recognises_a_cat():
     assert glob.shape == (1, 1280) and patches.shape == (1, 49, 1280)
 
 
+def test_the_second_tower_sees_the_photo_the_teacher_sees_on_the_vit_patch_grid():
+    """model/cnn.py takes pixels normalised for the ViT and gives EfficientNet-Lite0's own maps of the
+    same photo (its [-1, 1] input recovered inside), resized onto the ViT's 16 x 16 grid: its
+    1280-channel map is the teacher's, and it still knows the cat."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from model.cnn import build_cnn
+    from service.cli import demo_images
+    from training.augment import normalize
+    from training.teacher import EfficientNetLite0Teacher
+
+    v = VisionConfig()
+    cnn = build_cnn("efficientnet-lite0", v.mean, v.std, v.grid)
+    P.load_efficientnet_lite0(cnn.net)
+    teacher = EfficientNetLite0Teacher()
+    im = Image.open(demo_images() / "chelsea.png").convert("RGB").resize((224, 224))
+    raw = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        where, what = cnn(normalize(raw, v.mean, v.std))
+        _, teacher_patches = teacher(raw)
+    assert where.shape == (1, 256, 112) and what.shape == (1, 256, 1280)
+    fmap = teacher_patches.transpose(1, 2).reshape(1, 1280, 7, 7)
+    expected = F.interpolate(fmap, size=(16, 16), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(what, expected, atol=1e-4, rtol=1e-4)
+    logits = teacher.net.classifier(what.mean(1))  # the resized map keeps the photo's class
+    assert set(logits.topk(5).indices[0].tolist()) & set(range(281, 288))
+    cnn.train()
+    assert not cnn.training and not any(p.requires_grad for p in cnn.parameters())  # frozen, BN included
+
+
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])
 def test_local_hf_vision_folder_matches_transformers(tmp_path, kind):
     """A user's local HF ViT / DINOv2 folder (here: random weights saved by transformers) loads into

@@ -27,7 +27,9 @@ from training.pointing import PointingTally, common_share, patch_locality
 
 
 def fine_grained_stage(model: Emkum) -> str:
-    return "fine-grained head (blocks " + "+".join(map(str, model.cfg.fine_grained.vision_layers)) + ")"
+    fg = model.cfg.fine_grained
+    cnn = f" + {fg.cnn}" if fg.cnn != "none" else ""
+    return "fine-grained head (blocks " + "+".join(map(str, fg.vision_layers)) + cnn + ")"
 
 
 @torch.no_grad()
@@ -50,7 +52,8 @@ def image_stages(model: Emkum, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     out["after shared block"] = model.final_norm(h)[:, 1:]
     out["shared projection"] = F.normalize(model.image_proj(model.final_norm(h)), dim=-1)[:, 1:]
     if fg:
-        out[fine_grained_stage(model)] = model.fg_image(*(kept[i][:, 1:] for i in fg.vision_layers))
+        maps = model.cnn(pixels) if model.cnn is not None else []
+        out[fine_grained_stage(model)] = model.fg_image(*(kept[i][:, 1:] for i in fg.vision_layers), *maps)
     return out
 
 

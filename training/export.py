@@ -44,6 +44,17 @@ FP32_TOLERANCE = 1e-4  # max relative error of ONNX Runtime vs torch, both fp32
 FP16_TOLERANCE = 5e-3  # fp16 keeps ~3 decimal digits; the default model's export measures ~1e-3
 
 
+def half_precision(model: Emkum) -> Emkum:
+    """A half-precision copy of `model` for the fp16 graphs, its ConvNet tower (model/cnn.py) kept
+    fp32: in fp16 that tower's 1280-channel map drifts 1% from fp32 (its depthwise convolutions and
+    folded batch norms), which put the patch vectors at 0.006 relative error against the 0.005
+    tolerance; it is a tenth of the image graph's work."""
+    half = copy.deepcopy(model).half()
+    if half.cnn is not None:
+        half.cnn.float()
+    return half
+
+
 def _to_model_dtype(model: Emkum, x: torch.Tensor) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
@@ -295,7 +306,7 @@ def export(
         parity = {"fp32": check_parity(model, folder / "image.onnx", folder / "text.onnx", tolerance, check_seed)}
         written = ["image.onnx", "text.onnx"]
         if fp16:
-            _export_graphs(copy.deepcopy(model).half(), folder, ".fp16")
+            _export_graphs(half_precision(model), folder, ".fp16")
             images, texts = folder / "image.fp16.onnx", folder / "text.fp16.onnx"
             parity["fp16"] = check_parity(model, images, texts, fp16_tolerance, check_seed)
             written += [images.name, texts.name]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.config import VisionConfig
 from model.emkum import Emkum
 from runtime.cpu import has_native_bf16
 from runtime.tokenizer import TextTokenizer
@@ -129,6 +130,45 @@ def cache_split(
     meta["captions_text"] = captions
     (folder / "meta.json").write_text(json.dumps(meta))
     return SplitFeatures.load(folder)
+
+
+def cnn_array_names(name: str, prefix: str, count: int) -> list[str]:
+    """The cached arrays of a second tower's maps (model/cnn.py), one per map it gives the head."""
+    return [f"{prefix}_{name}_{i}" for i in range(count)]
+
+
+@torch.no_grad()
+def cache_cnn(feats: SplitFeatures, pairs: list[Pair], name: str, v: VisionConfig, batch: int = 64) -> None:
+    """Add the second tower's maps (already on the ViT's patch grid) for the split's images and its
+    collages to an existing cache: the same images and collage groupings the ViT blocks were cached
+    for, so one cache serves heads with and without the second tower."""
+    from model.cnn import build_cnn
+    from model.pretrained import load_efficientnet_lite0
+
+    if [p.key for p in pairs] != feats.meta["keys"]:
+        raise ValueError(f"{feats.folder}: the data's images are not the cached ones")
+    image_size = v.image_size
+    cnn = build_cnn(name, v.mean, v.std, v.grid)
+    load_efficientnet_lite0(cnn.net)
+    images = load_images(pairs, image_size)
+    sets = {"single": (len(pairs), lambda s, e: images[s:e])}
+    for g in (2, 3):
+        if (feats.folder / f"collage{g}_images.npy").is_file():
+            grp = np.load(feats.folder / f"collage{g}_images.npy")
+            sets[f"collage{g}"] = (
+                len(grp),
+                lambda s, e, grp=grp: np.stack([make_collage(list(images[grp[j]]), image_size) for j in range(s, e)]),
+            )
+    for prefix, (count, make) in sets.items():
+        names = cnn_array_names(name, prefix, len(cnn.widths))
+        outs = [_open(feats.folder, n, (count, v.num_patches, w)) for n, w in zip(names, cnn.widths, strict=True)]
+        for s in tqdm(range(0, count, batch), desc=f"{name} features: {prefix}", unit="batch"):
+            e = min(s + batch, count)
+            px = normalize(torch.from_numpy(make(s, e)).permute(0, 3, 1, 2).float() / 255, v.mean, v.std)
+            for out, fmap in zip(outs, cnn(px), strict=True):
+                out[s:e] = fmap.numpy()
+        for out in outs:
+            out.flush()
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ Objectives (weights in FineGrainedTrainConfig):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -40,11 +41,13 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from model.cmli import cmli_i2t_candidates, cmli_pairs, cmli_t2i_candidates
+from model.cnn import CNN_WIDTHS
 from model.config import FineGrainedConfig
 from model.emkum import Emkum, FineGrainedHead
+from model.pretrained import load_efficientnet_lite0
 from runtime.cpu import has_native_bf16
 from training.collage import cell_blocks, patch_cells
-from training.feature_cache import SplitFeatures
+from training.feature_cache import SplitFeatures, cnn_array_names
 from training.losses import cmli_contrastive_loss
 from training.metrics import i2t_recall, rerank, summarise, t2i_recall
 
@@ -55,6 +58,8 @@ class FineGrainedTrainConfig(BaseModel):
     hidden: int = 0  # MLP width inside the head (0: LayerNorm + Linear)
     context: int = 3  # kernel of the patch head's depthwise conv over the grid (model/emkum.py); 0: none
     attention: int = 0  # self-attention blocks over the patch head's vectors (model/emkum.py); 0: none
+    # a frozen second tower the patch head reads beside the blocks (model/cnn.py; cached like them)
+    cnn: str = "none"
     epochs: int = 5
     batch: int = 128  # single images per FILIP step
     collage_batch: int = 32  # collages per step
@@ -293,11 +298,17 @@ def rerank_loss(heads: Heads, cache: dict, stage: FirstStage, cfg: FineGrainedTr
     return (torch.logsumexp(logits, dim=1) - matched).mean()
 
 
-def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
+def _patch_arrays(prefix: str, layers: tuple[int, ...], cnn: str) -> list[str]:
+    """The cached arrays the patch head reads, in its input order: the blocks, then the second tower's maps."""
+    maps = cnn_array_names(cnn, prefix, len(CNN_WIDTHS[cnn])) if cnn != "none" else []
+    return [f"{prefix}_block{layer}" for layer in layers] + maps
+
+
+def load_cache(feats: SplitFeatures, layers: tuple[int, ...], cnn: str = "none") -> dict:
     """The arrays a run reads, opened once (memmaps; the patch features stay on disk); patch features
-    are lists, one array per block in `layers`."""
+    are lists, one array per block in `layers` and one per map of the second tower `cnn`."""
     out = {
-        "single": [feats.array(f"single_block{layer}") for layer in layers],
+        "single": [feats.array(name) for name in _patch_arrays("single", layers, cnn)],
         "tokens": feats.array("text_tokens"),
         "word": np.load(feats.folder / "text_word_mask.npy"),
         "content": np.load(feats.folder / "text_content_mask.npy"),
@@ -314,8 +325,9 @@ def load_cache(feats: SplitFeatures, layers: tuple[int, ...]) -> dict:
         }
         out["swap"]["by_image"] = _group_by_image(out["swap"]["image"], feats.meta["images"])
     for g in (2, 3):
-        if all((feats.folder / f"collage{g}_block{layer}.npy").is_file() for layer in layers):
-            out[f"collage{g}"] = [feats.array(f"collage{g}_block{layer}") for layer in layers]
+        names = _patch_arrays(f"collage{g}", layers, cnn)
+        if all((feats.folder / f"{name}.npy").is_file() for name in names):
+            out[f"collage{g}"] = [feats.array(name) for name in names]
             out[f"collage{g}_images"] = np.load(feats.folder / f"collage{g}_images.npy")
     return out
 
@@ -332,7 +344,7 @@ def train_heads(
     (same shape) the heads continue from, instead of a fresh one."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    cache = load_cache(train, cfg.layers)
+    cache = load_cache(train, cfg.layers, cfg.cnn)
     single = cache["single"]
     n_images = len(single[0])
     heads = Heads(
@@ -474,7 +486,7 @@ def evaluate_heads(heads: Heads, feats: SplitFeatures, cfg: FineGrainedTrainConf
 
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json")
     heads.eval()
-    cache = load_cache(feats, cfg.layers)
+    cache = load_cache(feats, cfg.layers, cfg.cnn)
     stage = two_stage_scores(heads.image, heads.text, feats, cache, cfg.candidates)
     img_cls, txt_cls, patches, tokens, word = (stage[k] for k in ("img_cls", "txt_cls", "patches", "tokens", "word"))
     caption_image = stage["caption_image"]
@@ -533,10 +545,15 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
         context=cfg.context,
         attention=cfg.attention,
         caption_context=cfg.caption_context,
+        cnn=cfg.cnn,
     )
     new = Emkum(out_cfg)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("fg_image.", "fg_text.")) for k in missing), missing
+    # everything but the head (and its second tower) from `model`, whose own head may differ in shape
+    base = {k: v for k, v in model.state_dict().items() if not k.startswith(("fg_image.", "fg_text.", "cnn."))}
+    missing, unexpected = new.load_state_dict(base, strict=False)
+    assert not unexpected and all(k.startswith(("fg_image.", "fg_text.", "cnn.")) for k in missing), missing
+    if new.cnn is not None:  # frozen: the package's weights, as the cache read them
+        load_efficientnet_lite0(new.cnn.net)
     new.fg_image.load_state_dict(heads.image.state_dict())
     new.fg_text.load_state_dict(heads.text.state_dict())
     return new.eval()
@@ -571,7 +588,7 @@ def run(cfg: FineGrainedRun) -> dict:
     from model.pretrained import minilm_dir
     from runtime.tokenizer import TextTokenizer
     from training.data import read_spec, select_half
-    from training.feature_cache import cache_split
+    from training.feature_cache import cache_cnn, cache_split
 
     model, header = load_checkpoint(Path(cfg.checkpoint))
     tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", model.cfg.text.max_length)
@@ -583,9 +600,13 @@ def run(cfg: FineGrainedRun) -> dict:
     ):
         folder = cache / name
         if not (folder / "meta.json").is_file():
-            pairs = select_half(read_spec(spec), half)
-            cache_split(model, pairs, tokenizer, folder, cfg.layers, collages)
-        splits[name] = SplitFeatures.load(folder)
+            cache_split(model, select_half(read_spec(spec), half), tokenizer, folder, cfg.layers, collages)
+        feats = SplitFeatures.load(folder)
+        if cfg.train.cnn != "none" and not all(
+            (folder / f"{n}.npy").is_file() for n in _patch_arrays("single", (), cfg.train.cnn)
+        ):  # a cache made without the second tower gains its maps
+            cache_cnn(feats, select_half(read_spec(spec), half), cfg.train.cnn, model.cfg.vision)
+        splits[name] = feats
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     heads, history = train_heads(
@@ -610,10 +631,13 @@ def run(cfg: FineGrainedRun) -> dict:
     extra["fine_grained"] = {"train": cfg.train.model_dump(), f"val_{cfg.val_half}": final}
     if cfg.train.init == "checkpoint" and "fine_grained" in header["extra"]:  # how the head it continued was made
         extra["fine_grained"]["continued_from"] = header["extra"]["fine_grained"]
+    init = header["init"]
+    if cfg.train.cnn != "none":  # the frozen second tower is rebuilt from its package, never shipped
+        init = dataclasses.replace(init, cnn=cfg.train.cnn)
     save_checkpoint(
         out,
         merged,
-        header["init"],
+        init,
         header["seed"],
         extra=extra,
         only=(base_names | fg_names) if header["partial"] else None,

