@@ -44,23 +44,23 @@ def main(
     from runtime.images import decode_square, normalize
     from runtime.modelcard import load_model_card
     from service.cli import demo_images
-    from training.quantize import KEEP_FP32, interleaved_seconds
+    from training.quantize import CNN_FP32, KEEP_FP32, fp32_node_names, interleaved_seconds
 
     card = load_model_card(model)
     src = model / card["files"]["image"]
     kind = int8_weights_for_this_cpu()
     nodes = onnx.load(str(src), load_external_data=False).graph.node
-    text_keep = [n.name for n in nodes if all(p in n.name for p in KEEP_FP32[0])]
-    cnn_keep = [n.name for n in nodes if "/cnn/" in n.name]
+    text_only = tuple(parts for parts in KEEP_FP32 if parts != CNN_FP32)
     spec = card["image"]
     photos = sorted(demo_images().glob("*.png"))
     decoded = [decode_square(p.read_bytes(), spec["size"]) for p in photos]
     pixels = np.stack([normalize(d, spec["mean"], spec["std"]) for d in decoded])
+    weights = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[kind]
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"fp32": src}
-        for name, keep in (("int8, ConvNet fp32", text_keep + cnn_keep), ("int8, ConvNet int8", text_keep)):
+        for name, patterns in (("int8, ConvNet fp32", KEEP_FP32), ("int8, ConvNet int8", text_only)):
+            keep = fp32_node_names(nodes, patterns)
             paths[name] = Path(tmp) / f"{len(paths)}.onnx"
-            weights = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[kind]
             quantize_dynamic(str(src), str(paths[name]), weight_type=weights, per_channel=True, nodes_to_exclude=keep)
         sessions = {name: open_session(path, ["CPUExecutionProvider"]) for name, path in paths.items()}
         one = {"pixels": pixels[:1]}

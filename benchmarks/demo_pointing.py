@@ -20,41 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
 from runtime.encoders import Encoders  # noqa: E402
-from runtime.images import preprocess  # noqa: E402
-from runtime.query import embed_text_queries  # noqa: E402
 from runtime.tokenizer import TextTokenizer  # noqa: E402
 from service.cli import demo_images  # noqa: E402
 from tests.test_default_model import COLLAGES, QUERIES  # noqa: E402
-from training.collage import make_collage, patch_cells  # noqa: E402
-from training.pointing import content_word_maps  # noqa: E402
+from training.pointing import collage_word_hits  # noqa: E402
 
 
 def count(model: Path, card: dict, precision: str) -> dict:
-    spec = card["image"]
     tokenizer = TextTokenizer(model / "tokenizer.json", card["text"]["max_length"])
     encoders = Encoders(model, card, providers="cpu", precision=precision)
-    cells = patch_cells(spec["grid"], 2)
-    hits, seen, misses = 0, 0, []
+    photos = [[np.asarray(Image.open(demo_images() / n).convert("RGB")) for n in names] for names in COLLAGES]
+    queries = [[QUERIES[n] for n in names] for names in COLLAGES]
     try:
-        for names in COLLAGES:
-            photos = [np.asarray(Image.open(demo_images() / n).convert("RGB")) for n in names]
-            collage = Image.fromarray(make_collage(photos, spec["size"]))
-            (image,) = encoders.embed_images_now([preprocess(collage, spec["size"], spec["mean"], spec["std"])])
-            for cell, query in enumerate(
-                embed_text_queries(tokenizer, encoders.embed_tokens_now, [QUERIES[n] for n in names])
-            ):
-                words, maps = content_word_maps(query.vectors @ image.patches.T, query.labels)
-                for word, heat in zip(words, maps, strict=True):
-                    if word == "photo":
-                        continue
-                    seen += 1
-                    hit = int(cells[heat.argmax()] == cell)
-                    hits += hit
-                    if not hit:
-                        misses.append(f"{word} ({names[cell]})")
+        found = [
+            (COLLAGES[k][cell], word, hit)
+            for k, cell, word, hit in collage_word_hits(encoders, tokenizer, card["image"], photos, queries)
+            if word != "photo"
+        ]
     finally:
         encoders.close()
-    return {"precision": precision, "hits": hits, "words": seen, "misses": misses}
+    misses = [f"{word} ({photo})" for photo, word, hit in found if not hit]
+    return {"precision": precision, "hits": len(found) - len(misses), "words": len(found), "misses": misses}
 
 
 def main(

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from training.feature_cache import SplitFeatures  # noqa: E402
-from training.fine_grained import _rows, _texts, load_cache  # noqa: E402
+from training.fine_grained import _texts, head_patches, load_cache  # noqa: E402
 
 
 @torch.no_grad()
@@ -36,10 +36,7 @@ def main(
     fg = model.cfg.fine_grained
     feats = SplitFeatures.load(cache)
     arrays = load_cache(feats, fg.vision_layers, fg.cnn)
-    n_images = feats.meta["images"]
-    patches = torch.cat(
-        [model.fg_image(*(_rows(a, slice(s, s + 128)) for a in arrays["single"])) for s in range(0, n_images, 128)]
-    )
+    patches = head_patches(model.fg_image, arrays)
     rows = np.arange(len(arrays["word"]))
     owner = np.load(feats.folder / "caption_image.npy")
     tokens, word, content = _texts(rows, arrays["tokens"], arrays["word"], arrays["content"])

@@ -183,12 +183,14 @@ class Emkum(nn.Module):
         hidden = self._shared(self.vision_adapter(tower), IMAGE_TYPE, None)
         emb = F.normalize(self.image_proj(hidden), dim=-1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        if keep:
-            maps = self.cnn(pixels) if self.cnn is not None else []
-            patches = self.fg_image(*(layers[i][:, 1:] for i in keep), *maps)
-        else:
-            patches = emb[:, 1:]
+        patches = self.fine_grained_patches(pixels, layers) if keep else emb[:, 1:]
         return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd, layers=layers)
+
+    def fine_grained_patches(self, pixels: torch.Tensor, layers: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The fine-grained head's patch vectors from the tower blocks it reads (`layers`, raw outputs
+        with [I_CLS] first) and, when it has one, the second tower's maps of the same pixels."""
+        maps = self.cnn(pixels) if self.cnn is not None else []
+        return self.fg_image(*(layers[i][:, 1:] for i in self.cfg.fine_grained.vision_layers), *maps)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:
         before = self._type_vector(TEXT_TYPE) if self.cfg.tte == "before" else None

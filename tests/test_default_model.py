@@ -81,28 +81,21 @@ def test_the_default_model_points_words_at_their_photos_in_collages(default_mode
     words whose best patch (as `explain` computes it) lies in their own photo's cell. Chance is 25%.
     Measured when written: 14 of 21 words (67%); the model before the fine-grained head put every
     word of a collage in one cell, 7 of 21 (33%). "coffee cup" is the usual miss (rare in Flickr8k)."""
-    from training.collage import make_collage, patch_cells
-    from training.pointing import content_word_maps
+    from training.pointing import collage_word_hits
 
     card = json.loads((default_model / "model.json").read_text())
-    spec = card["image"]
     tokenizer = TextTokenizer(default_model / "tokenizer.json", card["text"]["max_length"])
     encoders = Encoders(default_model, card, providers="cpu")
-    cells = patch_cells(spec["grid"], 2)
-    hits, words_seen = 0, 0
+    photos = [[np.asarray(Image.open(demo_images() / n).convert("RGB")) for n in names] for names in COLLAGES]
+    queries = [[QUERIES[n] for n in names] for names in COLLAGES]
     try:
-        for names in COLLAGES:
-            photos = [np.asarray(Image.open(demo_images() / n).convert("RGB")) for n in names]
-            collage = Image.fromarray(make_collage(photos, spec["size"]))
-            (image,) = encoders.embed_images_now([preprocess(collage, spec["size"], spec["mean"], spec["std"])])
-            queries = embed_text_queries(tokenizer, encoders.embed_tokens_now, [QUERIES[n] for n in names])
-            for cell, query in enumerate(queries):
-                words, maps = content_word_maps(query.vectors @ image.patches.T, query.labels)
-                for word, heat in zip(words, maps, strict=True):
-                    if word != "photo":
-                        words_seen += 1
-                        hits += int(cells[heat.argmax()] == cell)
+        found = [
+            hit
+            for _, _, word, hit in collage_word_hits(encoders, tokenizer, card["image"], photos, queries)
+            if word != "photo"
+        ]
     finally:
         encoders.close()
+    hits, words_seen = sum(found), len(found)
     assert words_seen == 21
     assert hits / words_seen >= 0.5, f"{hits} of {words_seen} object words in their photo's cell"

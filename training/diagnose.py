@@ -52,8 +52,7 @@ def image_stages(model: Emkum, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     out["after shared block"] = model.final_norm(h)[:, 1:]
     out["shared projection"] = F.normalize(model.image_proj(model.final_norm(h)), dim=-1)[:, 1:]
     if fg:
-        maps = model.cnn(pixels) if model.cnn is not None else []
-        out[fine_grained_stage(model)] = model.fg_image(*(kept[i][:, 1:] for i in fg.vision_layers), *maps)
+        out[fine_grained_stage(model)] = model.fine_grained_patches(pixels, kept)
     return out
 
 

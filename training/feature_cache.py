@@ -59,6 +59,18 @@ def _open(folder: Path, name: str, shape: tuple[int, ...], dtype=np.float16) -> 
     return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
+def image_sets(images: np.ndarray, groups: dict[int, np.ndarray], size: int) -> dict:
+    """The pictures a cache holds features of, by array prefix: `single` (the split's images) and
+    `collage{g}` (one collage per row of `groups[g]`), each as (count, make(start, end) -> uint8 batch)."""
+    sets = {"single": (len(images), lambda s, e: images[s:e])}
+    for g, grp in groups.items():
+        sets[f"collage{g}"] = (
+            len(grp),
+            lambda s, e, grp=grp: np.stack([make_collage(list(images[grp[j]]), size) for j in range(s, e)]),
+        )
+    return sets
+
+
 @torch.no_grad()
 def cache_split(
     model: Emkum,
@@ -87,15 +99,7 @@ def cache_split(
             out = model.encode_image(px, with_kd=False, keep_layers=layers)
         return {k: out.layers[k][:, 1:].float() for k in layers}, out.cls.float()
 
-    sets = {"single": (len(pairs), lambda s, e: images[s:e])}
-    for g, grp in groups.items():
-        sets[f"collage{g}"] = (
-            len(grp),
-            lambda s, e, grp=grp: np.stack(
-                [make_collage(list(images[grp[j]]), cfg.vision.image_size) for j in range(s, e)]
-            ),
-        )
-    for name, (count, make) in sets.items():
+    for name, (count, make) in image_sets(images, groups, cfg.vision.image_size).items():
         outs = {layer: _open(folder, f"{name}_block{layer}", (count, n_patch, width)) for layer in layers}
         cls_out = _open(folder, f"{name}_cls", (count, cfg.proj_dim), np.float32) if name == "single" else None
         for s in tqdm(range(0, count, batch), desc=f"tower features: {name}", unit="batch"):
@@ -151,15 +155,12 @@ def cache_cnn(feats: SplitFeatures, pairs: list[Pair], name: str, v: VisionConfi
     cnn = build_cnn(name, v.mean, v.std, v.grid)
     load_efficientnet_lite0(cnn.net)
     images = load_images(pairs, image_size)
-    sets = {"single": (len(pairs), lambda s, e: images[s:e])}
-    for g in (2, 3):
-        if (feats.folder / f"collage{g}_images.npy").is_file():
-            grp = np.load(feats.folder / f"collage{g}_images.npy")
-            sets[f"collage{g}"] = (
-                len(grp),
-                lambda s, e, grp=grp: np.stack([make_collage(list(images[grp[j]]), image_size) for j in range(s, e)]),
-            )
-    for prefix, (count, make) in sets.items():
+    groups = {
+        g: np.load(feats.folder / f"collage{g}_images.npy")
+        for g in (2, 3)
+        if (feats.folder / f"collage{g}_images.npy").is_file()
+    }
+    for prefix, (count, make) in image_sets(images, groups, image_size).items():
         names = cnn_array_names(name, prefix, len(cnn.widths))
         outs = [_open(feats.folder, n, (count, v.num_patches, w)) for n, w in zip(names, cnn.widths, strict=True)]
         for s in tqdm(range(0, count, batch), desc=f"{name} features: {prefix}", unit="batch"):

@@ -437,15 +437,22 @@ class Candidates:
 
 
 @torch.no_grad()
+def head_patches(image_head, cache: dict, chunk: int = 256) -> torch.Tensor:
+    """The patch vectors [images, N, d] the head gives every cached single image, in chunks."""
+    n = len(cache["single"][0])
+    return torch.cat(
+        [image_head(*(_rows(a, slice(s, s + chunk)) for a in cache["single"])) for s in range(0, n, chunk)]
+    )
+
+
+@torch.no_grad()
 def two_stage_scores(image_head, text_head, feats: SplitFeatures, cache: dict, k: int) -> dict:
     """Both directions of the two-stage search on cached features: CLS top `k` (the served vectors),
     then CMLI from the heads (eq. 4 for text queries, eq. 3 for image queries). The in-loop evaluation
     and benchmarks/fusion_sweep.py both read these; the store does the same at serving time."""
     img_cls = torch.from_numpy(np.array(feats.array("single_cls")))
     txt_cls = torch.from_numpy(np.array(feats.array("text_cls")))
-    patches = torch.cat(
-        [image_head(*(_rows(a, slice(s, s + 256)) for a in cache["single"])) for s in range(0, len(img_cls), 256)]
-    )
+    patches = head_patches(image_head, cache)
     tok, word, _ = _texts(np.arange(len(txt_cls)), cache["tokens"], cache["word"], cache["content"])
     tokens = text_head(tok, words=word)
     sim = txt_cls @ img_cls.T

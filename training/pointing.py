@@ -89,3 +89,24 @@ def common_share(patches: np.ndarray) -> float:
     spread evenly, 1 when every patch is the same vector)."""
     x = patches / np.maximum(np.linalg.norm(patches, axis=1, keepdims=True), 1e-12)
     return float(np.square(x.mean(axis=0)).sum())
+
+
+def collage_word_hits(encoders, tokenizer, spec: dict, collages: list[list[np.ndarray]], queries: list[list[str]]):
+    """Pointing through the serving path: each 2x2 collage of photos (uint8 RGB) through the image
+    graph, each photo's query through the text graph, and for each of its content words whether
+    its best patch (as `explain` computes it) lies in that photo's cell. Yields (collage index, photo
+    index in its collage, word, hit) in order. `encoders`: runtime.encoders.Encoders; `spec`: model.json's image."""
+    from PIL import Image
+
+    from runtime.images import preprocess
+    from runtime.query import embed_text_queries
+    from training.collage import make_collage, patch_cells
+
+    cells = patch_cells(spec["grid"], 2)
+    for k, (photos, texts) in enumerate(zip(collages, queries, strict=True)):
+        collage = Image.fromarray(make_collage(photos, spec["size"]))
+        (image,) = encoders.embed_images_now([preprocess(collage, spec["size"], spec["mean"], spec["std"])])
+        for cell, query in enumerate(embed_text_queries(tokenizer, encoders.embed_tokens_now, texts)):
+            words, maps = content_word_maps(query.vectors @ image.patches.T, query.labels)
+            for word, heat in zip(words, maps, strict=True):
+                yield k, cell, word, bool(cells[heat.argmax()] == cell)

@@ -40,7 +40,14 @@ INT8_TEXT_TOLERANCE = 0.15
 #   int8 (ONNX Runtime's dynamic ConvInteger) both slower and wrong: 170.8 ms per image against 130.1
 #   with it fp32, patch vectors at cosine 0.80 (min) of fp32 against 0.994, on an AVX2 AMD EPYC
 #   (benchmarks/cnn_int8.py, benchmarks/results/cnn_int8.json).
-KEEP_FP32 = (("/text/blocks.", "/mlp/fc2/"), ("/cnn/",))
+CNN_FP32 = ("/cnn/",)
+KEEP_FP32 = (("/text/blocks.", "/mlp/fc2/"), CNN_FP32)
+
+
+def fp32_node_names(nodes, patterns: tuple[tuple[str, ...], ...] = KEEP_FP32) -> list[str]:
+    """The names of the graph nodes that `patterns` keep in fp32 (a node is kept when its name
+    contains every part of one pattern)."""
+    return [n.name for n in nodes if any(all(part in n.name for part in parts) for parts in patterns)]
 
 
 def quantize_int8(src: Path, dst: Path, weights: str = "s8", reduce_range: bool = False) -> None:
@@ -52,7 +59,7 @@ def quantize_int8(src: Path, dst: Path, weights: str = "s8", reduce_range: bool 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(src), load_external_data=False).graph
-    keep = [n.name for n in graph.node if any(all(part in n.name for part in parts) for parts in KEEP_FP32)]
+    keep = fp32_node_names(graph.node)
     weight_type = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
     quantize_dynamic(
         str(src), str(dst), weight_type=weight_type, per_channel=True, reduce_range=reduce_range, nodes_to_exclude=keep
