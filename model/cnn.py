@@ -6,37 +6,58 @@ it was trained). An ImageNet ConvNet is different evidence about the same photo:
 architecture, other training data, and features that stay local (a conv layer sees only its
 neighbourhood). It is frozen; only the head's projection learns to read it.
 
-EfficientNet-Lite0 (the design card's teacher package, 0.4 GFLOPs at 224 px, a tenth of the ViT) is
-read at two depths: the last stride-16 stage (112 channels, 14 x 14 at 224 px: where things are) and
-the 1x1 head conv (1280 channels, 7 x 7: what they are). Both are resized bilinearly onto the ViT's
-patch grid so each patch vector can take its own spot from them."""
+EfficientNet-Lite (the design card's teacher packages) is read at two depths: the last stride-16
+stage (where things are) and the 1x1 head conv (1280 channels: what they are). Lite0 (0.4 GFLOPs at
+its 224 px, a tenth of the ViT) gives 14 x 14 and 7 x 7 maps; Lite2 (0.9 GFLOPs) runs at its own
+260 px, the ViT's input resized, and gives 17 x 17 and 9 x 9: finer than Lite0's, which is what
+small cells need (3 x 3 collages). Both maps are resized bilinearly onto the ViT's patch grid so
+each patch vector can take its own spot from them."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CNN_NAMES = ("none", "efficientnet-lite0")
-CNN_WIDTHS = {"none": (), "efficientnet-lite0": (112, 1280)}  # the maps each gives the head
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """What differs between the EfficientNet-Lite sizes the head can read."""
+
+    input_size: int  # the resolution it was trained at (the ViT's pixels are resized to it)
+    widths: tuple[int, int]  # channels of the stride-16 stage and of the head conv
+    where_block: int  # index in timm's `blocks` of the last stride-16 stage
+
+
+CNN_VARIANTS = {
+    "efficientnet-lite0": LiteVariant(224, (112, 1280), 4),
+    "efficientnet-lite2": LiteVariant(260, (120, 1280), 4),
+}
+CNN_NAMES = ("none", *CNN_VARIANTS)
+CNN_WIDTHS = {"none": (), **{name: v.widths for name, v in CNN_VARIANTS.items()}}  # the maps each gives the head
 CNN_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite's own input normalisation (TF-style, [-1, 1])
 CNN_STD = (0.5, 0.5, 0.5)
 
 
-class EfficientNetLite0Maps(nn.Module):
-    """pixels normalised with the ViT's mean/std [B, 3, S, S] -> [[B, grid^2, 112], [B, grid^2, 1280]].
+class EfficientNetLiteMaps(nn.Module):
+    """pixels normalised with the ViT's mean/std [B, 3, S, S] -> [[B, grid^2, C1], [B, grid^2, 1280]].
 
     Frozen, batch norm included (`train()` keeps it in eval mode): its weights come from the pip
     package at build time (model/pretrained.py), never from training."""
 
-    widths = CNN_WIDTHS["efficientnet-lite0"]
-
-    def __init__(self, vit_mean: tuple[float, ...], vit_std: tuple[float, ...], grid: int) -> None:
+    def __init__(self, variant: str, vit_mean: tuple[float, ...], vit_std: tuple[float, ...], grid: int) -> None:
         super().__init__()
         import timm
 
+        from model.pretrained import EFFICIENTNET_LITE
+
+        self.variant = variant
+        self.spec = CNN_VARIANTS[variant]
+        self.widths = self.spec.widths
         self.grid = grid
-        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        self.net = timm.create_model(EFFICIENTNET_LITE[variant][0], pretrained=False, num_classes=0)
         self.net.requires_grad_(False)
         # x_cnn = (x_raw - 0.5) / 0.5 with x_raw = x_vit * std + mean: one affine map per channel
         vit_mean_t, vit_std_t = torch.tensor(vit_mean), torch.tensor(vit_std)
@@ -46,7 +67,7 @@ class EfficientNetLite0Maps(nn.Module):
         self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> EfficientNetLite0Maps:
+    def train(self, mode: bool = True) -> EfficientNetLiteMaps:
         return super().train(False)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -55,10 +76,13 @@ class EfficientNetLite0Maps(nn.Module):
         net = self.net
         dtype = net.conv_stem.weight.dtype
         x = pixels.to(dtype) * self.scale.to(dtype) + self.shift.to(dtype)
+        size = self.spec.input_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         x = net.bn1(net.conv_stem(x))
         for i, block in enumerate(net.blocks):
             x = block(x)
-            if i == 4:  # the last stride-16 stage
+            if i == self.spec.where_block:
                 where = x
         what = net.bn2(net.conv_head(x))
         return [self._on_grid(where).to(pixels.dtype), self._on_grid(what).to(pixels.dtype)]
@@ -73,6 +97,6 @@ def build_cnn(name: str, vit_mean: tuple[float, ...], vit_std: tuple[float, ...]
     """The second tower a config names ('none': no second tower)."""
     if name == "none":
         return None
-    if name == "efficientnet-lite0":
-        return EfficientNetLite0Maps(vit_mean, vit_std, grid)
+    if name in CNN_VARIANTS:
+        return EfficientNetLiteMaps(name, vit_mean, vit_std, grid)
     raise ValueError(f"unknown fine_grained cnn {name!r}; choose one of {CNN_NAMES}")

@@ -73,7 +73,7 @@ class FineGrainedConfig:
     # words only: each word's vector plus this times its caption's mean word vector (model/emkum.py)
     caption_context: float = 0.0
     # a second, frozen ConvNet tower whose maps the patch head reads beside the ViT blocks
-    # (model/cnn.py: 'none' or 'efficientnet-lite0'); its weights come from its pip package
+    # (model/cnn.py: 'none', 'efficientnet-lite0' or 'efficientnet-lite2'); its weights come from its pip package
     cnn: str = "none"
 
 

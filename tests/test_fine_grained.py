@@ -196,7 +196,7 @@ def test_the_second_tower_feeds_the_patches_only_and_comes_back_from_its_package
     save_checkpoint(tmp_path / "p.safetensors", model, InitRecipe(cnn="efficientnet-lite0"), 0, only=fg_names)
     again, header = load_checkpoint(tmp_path / "p.safetensors")
     assert header["init"].cnn == "efficientnet-lite0" and header["config"].fine_grained == config
-    reference = pretrained.efficientnet_lite0_state()["conv_head.weight"]
+    reference = pretrained.efficientnet_lite_state("efficientnet-lite0")["conv_head.weight"]
     torch.testing.assert_close(again.cnn.net.conv_head.weight, reference)
     with torch.no_grad():
         torch.testing.assert_close(again.encode_image(pixels).patches, before[1])

@@ -88,7 +88,7 @@ def test_the_second_tower_sees_the_photo_the_teacher_sees_on_the_vit_patch_grid(
 
     v = VisionConfig()
     cnn = build_cnn("efficientnet-lite0", v.mean, v.std, v.grid)
-    P.load_efficientnet_lite0(cnn.net)
+    P.load_efficientnet_lite(cnn.net, "efficientnet-lite0")
     teacher = EfficientNetLite0Teacher()
     im = Image.open(demo_images() / "chelsea.png").convert("RGB").resize((224, 224))
     raw = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
@@ -103,6 +103,44 @@ def test_the_second_tower_sees_the_photo_the_teacher_sees_on_the_vit_patch_grid(
     assert set(logits.topk(5).indices[0].tolist()) & set(range(281, 288))
     cnn.train()
     assert not cnn.training and not any(p.requires_grad for p in cnn.parameters())  # frozen, BN included
+
+
+def test_the_lite2_tower_reads_the_photo_at_its_own_resolution():
+    """efficientnet-lite2 resizes the ViT's 224 px input to the 260 px it was trained at: its maps are
+    the package's network run on that resized photo (17 x 17 and 9 x 9), put on the 16 x 16 grid,
+    and its pooled head map still classifies the cat. A recipe naming the other variant is refused."""
+    import timm
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from model.checkpoint import InitRecipe, build_model
+    from model.cnn import build_cnn
+    from service.cli import demo_images
+    from training.augment import normalize
+
+    v = VisionConfig()
+    cnn = build_cnn("efficientnet-lite2", v.mean, v.std, v.grid)
+    P.load_efficientnet_lite(cnn.net, "efficientnet-lite2")
+    full = timm.create_model("tf_efficientnet_lite2", pretrained=False).eval()
+    P.load_efficientnet_lite(full, "efficientnet-lite2")
+    im = Image.open(demo_images() / "chelsea.png").convert("RGB").resize((224, 224))
+    raw = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        where, what = cnn(normalize(raw, v.mean, v.std))
+        own = F.interpolate((raw - 0.5) / 0.5, size=(260, 260), mode="bilinear", align_corners=False)
+        fmap = full.forward_head(full.forward_features(own), pre_logits=True)  # pooled: only the class check
+        head_map = full.forward_features(own)
+    assert where.shape == (1, 256, 120) and what.shape == (1, 256, 1280) and head_map.shape[-2:] == (9, 9)
+    expected = F.interpolate(head_map, size=(16, 16), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(what, expected, atol=1e-4, rtol=1e-4)
+    assert set(full.classifier(fmap).topk(5).indices[0].tolist()) & set(range(281, 288))
+    assert set(full.classifier(what.mean(1)).topk(5).indices[0].tolist()) & set(range(281, 288))
+    from model.config import FineGrainedConfig
+
+    cfg = load_config("emkum-tiny")
+    cfg.fine_grained = FineGrainedConfig(vision_layers=(2,), cnn="efficientnet-lite2")
+    with pytest.raises(ValueError, match="not the config's"):
+        build_model(cfg, InitRecipe(cnn="efficientnet-lite0"))
 
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2"])

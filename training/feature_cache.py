@@ -147,13 +147,13 @@ def cache_cnn(feats: SplitFeatures, pairs: list[Pair], name: str, v: VisionConfi
     collages to an existing cache: the same images and collage groupings the ViT blocks were cached
     for, so one cache serves heads with and without the second tower."""
     from model.cnn import build_cnn
-    from model.pretrained import load_efficientnet_lite0
+    from model.pretrained import load_efficientnet_lite
 
     if [p.key for p in pairs] != feats.meta["keys"]:
         raise ValueError(f"{feats.folder}: the data's images are not the cached ones")
     image_size = v.image_size
     cnn = build_cnn(name, v.mean, v.std, v.grid)
-    load_efficientnet_lite0(cnn.net)
+    load_efficientnet_lite(cnn.net, name)
     images = load_images(pairs, image_size)
     groups = {
         g: np.load(feats.folder / f"collage{g}_images.npy")

@@ -44,7 +44,7 @@ from model.cmli import cmli_i2t_candidates, cmli_pairs, cmli_t2i_candidates
 from model.cnn import CNN_WIDTHS
 from model.config import FineGrainedConfig
 from model.emkum import Emkum, FineGrainedHead
-from model.pretrained import load_efficientnet_lite0
+from model.pretrained import load_efficientnet_lite
 from runtime.cpu import has_native_bf16
 from training.collage import cell_blocks, patch_cells
 from training.feature_cache import SplitFeatures, cnn_array_names
@@ -560,7 +560,7 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
     missing, unexpected = new.load_state_dict(base, strict=False)
     assert not unexpected and all(k.startswith(("fg_image.", "fg_text.", "cnn.")) for k in missing), missing
     if new.cnn is not None:  # frozen: the package's weights, as the cache read them
-        load_efficientnet_lite0(new.cnn.net)
+        load_efficientnet_lite(new.cnn.net, new.cnn.variant)
     new.fg_image.load_state_dict(heads.image.state_dict())
     new.fg_text.load_state_dict(heads.text.state_dict())
     return new.eval()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.pretrained import load_efficientnet_lite0
+from model.pretrained import load_efficientnet_lite
 from training.augment import normalize
 
 
@@ -36,7 +36,7 @@ class EfficientNetLite0Teacher(Teacher):
         import timm
 
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        load_efficientnet_lite0(self.net, weights)
+        load_efficientnet_lite(self.net, "efficientnet-lite0", weights)
         self.net.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> EfficientNetLite0Teacher:
