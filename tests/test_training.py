@@ -171,6 +171,47 @@ def test_eval_exported_reports_the_contract(tiny_model_dir, synthetic_data):
         assert set(out[mode]["t2i"]) == {"r1", "r5", "r10"}
         assert 0 <= out[mode]["mean6"] <= 100
     assert out["images"] == 16 and out["captions"] == 32
+    gain = out["rerank_gain"]  # the difference of the two Mean6s, inside its own interval
+    assert gain["gain"] == pytest.approx(out["rerank"]["mean6"] - out["cls"]["mean6"], abs=0.02)
+    assert gain["low"] <= gain["gain"] <= gain["high"] and gain["confidence"] == 0.95
+
+
+def _ranked(n_images: int, per_image: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random i2t and t2i top-10 lists over `n_images` images with `per_image` captions each."""
+    rng = np.random.default_rng(seed)
+    owner = np.repeat(np.arange(n_images), per_image)
+    i2t = np.stack([rng.permutation(len(owner))[:10] for _ in range(n_images)])
+    t2i = np.stack([rng.permutation(n_images)[:10] for _ in owner])
+    return i2t, t2i, owner
+
+
+def test_mean6_gain_interval_has_known_answers():
+    """training/metrics.py mean6_gain_interval: the same rankings gain exactly 0 with no spread; a
+    ranking that puts every image first gains 100 minus the random one's Mean6, and no resampling
+    takes it above 100; fixing some queries gives the exact Mean6 difference inside an interval that is
+    wider than a point and narrows with more images."""
+    from training.metrics import i2t_recall, mean6_gain_interval, summarise, t2i_recall
+
+    i2t, t2i, owner = _ranked(40, 5, 0)
+    same = mean6_gain_interval((i2t, t2i), (i2t.copy(), t2i.copy()), owner, resamples=200)
+    assert same["gain"] == same["low"] == same["high"] == 0
+    # every caption's image and every image's first caption at rank 1: Mean6 = 100 however resampled
+    perfect_t2i = np.concatenate([owner[:, None], t2i[:, 1:]], axis=1)
+    perfect_i2t = np.concatenate([(np.arange(40) * 5)[:, None], i2t[:, 1:]], axis=1)
+    base = summarise(i2t_recall(i2t, owner), t2i_recall(t2i, owner))["mean6"]
+    full = mean6_gain_interval((i2t, t2i), (perfect_i2t, perfect_t2i), owner, resamples=200)
+    assert full["gain"] == pytest.approx(100 - base, abs=0.02) and full["low"] < full["gain"] < full["high"] <= 100
+    widths = []
+    for n in (60, 600):
+        i2t, t2i, owner = _ranked(n, 5, 1)
+        fixed = t2i.copy()
+        fixed[: len(owner) // 3, 0] = owner[: len(owner) // 3]  # a third of the text queries fixed at R@1
+        got = mean6_gain_interval((i2t, t2i), (i2t, fixed), owner, resamples=500)
+        exact = summarise(i2t_recall(i2t, owner), t2i_recall(fixed, owner))["mean6"]
+        exact -= summarise(i2t_recall(i2t, owner), t2i_recall(t2i, owner))["mean6"]
+        assert got["gain"] == pytest.approx(exact, abs=0.02) and got["low"] < got["gain"] < got["high"]
+        widths.append(got["high"] - got["low"])
+    assert widths[1] < widths[0] / 2  # ten times the images: about a third of the width
 
 
 def test_ddp_training_under_torchrun_keeps_replicas_in_sync(synthetic_data, tmp_path):

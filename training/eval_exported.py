@@ -30,7 +30,7 @@ from runtime.query import embed_text_queries, image_query
 from runtime.tokenizer import TextTokenizer
 from training.collage import collage_groups, make_collage, patch_cells
 from training.data import read_spec, select_half
-from training.metrics import i2t_recall, summarise, t2i_recall
+from training.metrics import i2t_recall, mean6_gain_interval, summarise, t2i_recall
 from training.pointing import PointingTally
 from training.swaps import KINDS, make_swaps
 
@@ -69,6 +69,7 @@ def evaluate_exported(
         image_store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(images)])
         text_store = VectorStore(Path(tmp) / "texts", store_config(card, use_gpu=False))
         text_store.add([ItemInput(str(i), q.cls, q.words()[0]) for i, q in enumerate(embedded)])
+        ranked: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for mode, rerank in (("cls", False), ("rerank", True)):
             t2i = np.array(
                 [
@@ -92,6 +93,9 @@ def evaluate_exported(
                 ]
             )
             out[mode] = summarise(i2t_recall(i2t, caption_image), t2i_recall(t2i, caption_image))
+            ranked[mode] = (i2t, t2i)
+        # the rerank's gain over CLS with its paired bootstrap interval over images
+        out["rerank_gain"] = mean6_gain_interval(ranked["cls"], ranked["rerank"], caption_image)
         if fine_grained:
             out["pointing"] = {
                 f"{g}x{g}": collage_pointing(encoders, tokenizer, card, pairs, arrays, g, Path(tmp) / f"collage{g}")
