@@ -121,14 +121,30 @@ class Encoders:
             self.image_session = open_session(model_dir / image_file, self.providers, threads, spinning)
         self.text_session = open_session(model_dir / text_file, self.providers, threads, spinning)
         self.provider = self.image_session.get_providers()[0]
+        # The int8 graphs quantise activations per call from the range of the whole batch (dynamic
+        # int8, training/quantize.py), so an input's vectors would depend on what it was batched with:
+        # the same photo drifted to cosine 0.9968 of itself, alone against in a batch of 8, and a
+        # query's results on who else was searching. They run one input per call instead, which on
+        # the AVX2 box is also faster (benchmarks/encoder_bench.py, batch 1 against 8).
+        self.one_per_call = self.precision == "int8"
 
     def embed_images_now(self, pixels: list[np.ndarray]) -> list[ImageEmbedding]:
-        """One batched call of the image graph."""
-        cls, patches = self.image_session.run(None, {"pixels": np.stack(pixels).astype(np.float32)})
-        return [ImageEmbedding(cls[i], patches[i]) for i in range(len(pixels))]
+        """The image graph on these inputs: one batched call (one per input for the int8 graphs)."""
+        batches = [[p] for p in pixels] if self.one_per_call else [pixels]
+        out = []
+        for batch in batches:
+            cls, patches = self.image_session.run(None, {"pixels": np.stack(batch).astype(np.float32)})
+            out.extend(ImageEmbedding(cls[i], patches[i]) for i in range(len(batch)))
+        return out
 
     def embed_tokens_now(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[TextEmbedding]:
-        """One batched call of the text graph on (ids, mask) rows of any lengths."""
+        """The text graph on (ids, mask) rows of any lengths: one padded batch (one call per row for
+        the int8 graphs)."""
+        if self.one_per_call and len(items) > 1:
+            return [e for item in items for e in self._embed_tokens([item])]
+        return self._embed_tokens(items)
+
+    def _embed_tokens(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[TextEmbedding]:
         width = max(len(ids) for ids, _ in items)
         ids = np.zeros((len(items), width), dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)

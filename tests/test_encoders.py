@@ -164,6 +164,36 @@ def test_int8_encoders_agree_with_fp32_and_a_refused_int8_is_left_out(tiny_model
         Encoders(tmp_path / "strict", strict, providers="cpu", precision="int8")
 
 
+def test_int8_vectors_do_not_depend_on_their_batch_mates(tiny_model_dir):
+    """The int8 graphs quantise activations from the whole call's range, so `Encoders` runs them one
+    input per call: an image or a query gets the same vectors alone and beside a loud batch-mate
+    (here 20x the pixels), which the int8 graph called once on the whole batch would not give."""
+    card = json.loads((tiny_model_dir / "model.json").read_text())
+    rng = np.random.default_rng(3)
+    quiet = rng.standard_normal((3, 32, 32)).astype(np.float32)
+    loud = 20 * rng.standard_normal((3, 32, 32)).astype(np.float32)
+    ids = [np.array([101, 2000, 3000, 102]), np.array([101, *rng.integers(1000, 20000, 30), 102])]
+    rows = [(i, np.ones(len(i), np.int64)) for i in ids]
+    enc = Encoders(tiny_model_dir, card, providers="cpu", precision="int8")
+    try:
+        assert enc.precision == "int8" and enc.one_per_call
+        alone = enc.embed_images_now([quiet])[0]
+        beside = enc.embed_images_now([quiet, loud])[0]
+        np.testing.assert_array_equal(alone.cls, beside.cls)
+        np.testing.assert_array_equal(alone.patches, beside.patches)
+        one_call, _ = enc.image_session.run(None, {"pixels": np.stack([quiet, loud])})
+        assert not np.array_equal(one_call[0], alone.cls)  # what one call on the batch would give
+        text_alone = enc.embed_tokens_now(rows[:1])[0]
+        text_beside = enc.embed_tokens_now(rows)[0]
+        np.testing.assert_array_equal(text_alone.cls, text_beside.cls)
+        np.testing.assert_array_equal(text_alone.tokens, text_beside.tokens)
+    finally:
+        enc.close()
+    fp32 = Encoders(tiny_model_dir, card, providers="cpu", precision="fp32")
+    assert not fp32.one_per_call  # fp32 is batch-independent: it keeps its batched calls
+    fp32.close()
+
+
 def test_fp16_encoders_agree_with_fp32(tiny_model_dir):
     card = json.loads((tiny_model_dir / "model.json").read_text())
     rng = np.random.default_rng(1)
