@@ -32,8 +32,9 @@ def zscore(x: np.ndarray) -> np.ndarray:
 
 
 def best_fusion(t2i, i2t, owner: np.ndarray, norm: str, t2i_cmli: np.ndarray | None = None) -> dict:
-    """The best Mean6 over fusion weights 0, 0.05, ... 1 (`Candidates` of both directions; `t2i_cmli`
-    replaces the text queries' CMLI scores, to compare scoring variants on the same candidates)."""
+    """The best Mean6 over fusion weights 0, 0.05, ... 1, and CMLI alone's (weight 0), from
+    `Candidates` of both directions; `t2i_cmli` replaces the text queries' CMLI scores, to compare
+    scoring variants on the same candidates."""
     f = zscore if norm == "zscore" else (lambda x: x)
     t2i_cmli = t2i.cmli if t2i_cmli is None else t2i_cmli
     best: dict = {}
@@ -42,9 +43,11 @@ def best_fusion(t2i, i2t, owner: np.ndarray, norm: str, t2i_cmli: np.ndarray | N
             i2t_recall(rerank(i2t.candidates, f(i2t.cls), f(i2t.cmli), w), owner),
             t2i_recall(rerank(t2i.candidates, f(t2i.cls), f(t2i_cmli), w), owner),
         )["mean6"]
+        if w == 0:
+            cmli_only = mean6
         if not best or mean6 > best["mean6"]:
             best = {"mean6": mean6, "cls_weight": float(w)}
-    return best
+    return best | {"cmli_only_mean6": cmli_only}
 
 
 @torch.no_grad()

@@ -9,34 +9,21 @@ double the stored patch vectors).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.fusion_sweep import best_fusion  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from training.feature_cache import SplitFeatures  # noqa: E402
 from training.fine_grained import load_cache, two_stage_scores  # noqa: E402
-from training.metrics import i2t_recall, rerank, summarise, t2i_recall  # noqa: E402
-
-
-def best_weight(stage: dict, t2i_cmli: np.ndarray, i2t_cmli: np.ndarray) -> dict:
-    """The best Mean6 over fusion weights, with these CMLI scores on the stage's CLS candidates."""
-    t2i, i2t, owner = stage["t2i"], stage["i2t"], stage["caption_image"]
-    fused = {
-        float(w): summarise(
-            i2t_recall(rerank(i2t.candidates, i2t.cls, i2t_cmli, w), owner),
-            t2i_recall(rerank(t2i.candidates, t2i.cls, t2i_cmli, w), owner),
-        )["mean6"]
-        for w in np.round(np.linspace(0, 1, 21), 2)
-    }
-    w = max(fused, key=fused.get)
-    return {"cls_weight": w, "rerank_mean6": fused[w], "cmli_only_mean6": fused[0.0]}
+from training.metrics import i2t_recall, summarise, t2i_recall  # noqa: E402
 
 
 def main(
@@ -60,14 +47,16 @@ def main(
     if not (a["t2i"].candidates == b["t2i"].candidates).all():
         raise typer.BadParameter("the two checkpoints' CLS candidates differ: they do not share a CLS path")
     owner = a["caption_image"]
+    # the first head's candidates (the same as the second's) with the two heads' CMLI averaged
+    mean_of_both = [dataclasses.replace(a[d], cmli=(a[d].cmli + b[d].cmli) / 2) for d in ("t2i", "i2t")]
     report = {
         "machine": describe(),
         "cache": str(cache),
         "candidates": candidates,
         "cls_mean6": summarise(i2t_recall(a["i2t"].candidates, owner), t2i_recall(a["t2i"].candidates, owner))["mean6"],
-        "first": {"checkpoint": str(first), **best_weight(a, a["t2i"].cmli, a["i2t"].cmli)},
-        "second": {"checkpoint": str(second), **best_weight(b, b["t2i"].cmli, b["i2t"].cmli)},
-        "mean_of_both": best_weight(a, (a["t2i"].cmli + b["t2i"].cmli) / 2, (a["i2t"].cmli + b["i2t"].cmli) / 2),
+        "first": {"checkpoint": str(first), **best_fusion(a["t2i"], a["i2t"], owner, "raw")},
+        "second": {"checkpoint": str(second), **best_fusion(b["t2i"], b["i2t"], owner, "raw")},
+        "mean_of_both": best_fusion(*mean_of_both, owner, "raw"),
     }
     out.write_text(json.dumps(report, indent=2))
     typer.echo(json.dumps(report, indent=2))
