@@ -28,13 +28,12 @@ class LiteVariant:
     """What differs between the EfficientNet-Lite sizes the head can read."""
 
     input_size: int  # the resolution it was trained at (the ViT's pixels are resized to it)
-    widths: tuple[int, int]  # channels of the stride-16 stage and of the head conv
-    where_block: int  # index in timm's `blocks` of the last stride-16 stage
+    widths: tuple[int, int]  # channels of the last stride-16 stage and of the head conv
 
 
 CNN_VARIANTS = {
-    "efficientnet-lite0": LiteVariant(224, (112, 1280), 4),
-    "efficientnet-lite2": LiteVariant(260, (120, 1280), 4),
+    "efficientnet-lite0": LiteVariant(224, (112, 1280)),
+    "efficientnet-lite2": LiteVariant(260, (120, 1280)),
 }
 CNN_NAMES = ("none", *CNN_VARIANTS)
 CNN_WIDTHS = {"none": (), **{name: v.widths for name, v in CNN_VARIANTS.items()}}  # the maps each gives the head
@@ -83,7 +82,7 @@ class EfficientNetLiteMaps(nn.Module):
         x = net.bn1(net.conv_stem(x))
         for i, block in enumerate(net.blocks):
             x = block(x)
-            if i == self.spec.where_block:
+            if i == 4:  # the last stride-16 stage (timm's blocks[4] in every Lite size)
                 where = x
         what = net.bn2(net.conv_head(x))
         return [self._on_grid(where).to(pixels.dtype), self._on_grid(what).to(pixels.dtype)]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.pretrained import load_efficientnet_lite
+from model.pretrained import EFFICIENTNET_LITE, load_efficientnet_lite
 from training.augment import normalize
 
 
@@ -35,7 +35,7 @@ class EfficientNetLite0Teacher(Teacher):
         super().__init__()
         import timm
 
-        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        self.net = timm.create_model(EFFICIENTNET_LITE["efficientnet-lite0"][0], pretrained=False)
         load_efficientnet_lite(self.net, "efficientnet-lite0", weights)
         self.net.eval().requires_grad_(False)
 
