@@ -206,15 +206,23 @@ def main(
     checkpoint: Path = typer.Option(..., help="the model whose fine-grained head gives CMLI"),
     epochs: int = typer.Option(30, help="training epochs of the second opinion (the best on half a is kept)"),
     candidates: int = typer.Option(20, help="K: CLS candidates reranked"),
+    seed: int = typer.Option(0, help="the second opinion's initialisation and batches"),
+    correction: bool = typer.Option(True, help="also train the CLS correction (half a only)"),
     out: Path = typer.Option(ROOT / "benchmarks" / "results" / "second_opinion.json"),
 ) -> None:
     torch.set_num_threads(2)
     splits = {name: pooled_features(cache / name, prior_cache / name) for name in ("train", "val-a", "val-b")}
     with torch.enable_grad():
-        second, history = train_second_opinion(splits["train"], splits["val-a"], epochs)
+        second, history = train_second_opinion(splits["train"], splits["val-a"], epochs, seed)
     model, _ = load_checkpoint(checkpoint)
     fg = model.cfg.fine_grained
-    report: dict = {"machine": describe(), "checkpoint": str(checkpoint), "candidates": candidates, "history": history}
+    report: dict = {
+        "machine": describe(),
+        "checkpoint": str(checkpoint),
+        "candidates": candidates,
+        "seed": seed,
+        "history": history,
+    }
     halves = {}
     for half in ("a", "b"):
         feats = SplitFeatures.load(cache / f"val-{half}")
@@ -256,10 +264,11 @@ def main(
     report["whole_collection"] = {"second_weight_chosen_on_half_a": float(c)} | {
         f"half_{h}": {"cls": whole(h, 0.0), "cls+second": whole(h, float(c))} for h in ("a", "b")
     }
-    with torch.enable_grad():
-        report["correction_of_cls_half_a"] = train_correction(
-            splits["train"], cls_vectors(cache / "train"), splits["val-a"], cls["a"], epochs
-        )
+    if correction:
+        with torch.enable_grad():
+            report["correction_of_cls_half_a"] = train_correction(
+                splits["train"], cls_vectors(cache / "train"), splits["val-a"], cls["a"], epochs
+            )
     out.write_text(json.dumps(report, indent=2))
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
 
