@@ -45,8 +45,12 @@ from training.metrics import i2t_recall, mean6_gain_interval, summarise, t2i_rec
 CNN_MAPS = ("single_efficientnet-lite0_0", "single_efficientnet-lite0_1")
 
 
-def pooled_features(split: Path, prior_split: Path, width: int = 384) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(ConvNet maps mean-pooled [images, 1392], frozen MiniLM mean over words [captions, 384], caption -> image)."""
+def pooled_features(
+    split: Path, prior_split: Path, width: int = 384, text: str = "frozen"
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(ConvNet maps mean-pooled [images, 1392], a text tower's mean over words [captions, 384],
+    caption -> image). `text`: the frozen MiniLM's outputs, or our fine-tuned tower's (free at query
+    time, but the tower CLS is made from)."""
     feats = SplitFeatures.load(split)
     maps = []
     for name in CNN_MAPS:
@@ -58,7 +62,8 @@ def pooled_features(split: Path, prior_split: Path, width: int = 384) -> tuple[t
     word = np.load(split / "text_word_mask.npy")
     sentences = []
     for s in range(0, len(tokens), 2000):
-        t, w = np.asarray(tokens[s : s + 2000, :, width:], np.float32), word[s : s + 2000, :, None]
+        part = slice(width, None) if text == "frozen" else slice(0, width)
+        t, w = np.asarray(tokens[s : s + 2000, :, part], np.float32), word[s : s + 2000, :, None]
         sentences.append((t * w).sum(1) / w.sum(1).clip(1))
     owner = np.load(split / "caption_image.npy")
     return torch.from_numpy(np.concatenate(maps, 1)), torch.from_numpy(np.concatenate(sentences)), owner
@@ -208,10 +213,15 @@ def main(
     candidates: int = typer.Option(20, help="K: CLS candidates reranked"),
     seed: int = typer.Option(0, help="the second opinion's initialisation and batches"),
     correction: bool = typer.Option(True, help="also train the CLS correction (half a only)"),
+    text: str = typer.Option("frozen", help="the text side: 'frozen' MiniLM or our 'fine-tuned' tower"),
     out: Path = typer.Option(ROOT / "benchmarks" / "results" / "second_opinion.json"),
 ) -> None:
     torch.set_num_threads(2)
-    splits = {name: pooled_features(cache / name, prior_cache / name) for name in ("train", "val-a", "val-b")}
+    if text not in ("frozen", "fine-tuned"):
+        raise typer.BadParameter(f"--text must be 'frozen' or 'fine-tuned', not {text!r}")
+    splits = {
+        name: pooled_features(cache / name, prior_cache / name, text=text) for name in ("train", "val-a", "val-b")
+    }
     with torch.enable_grad():
         second, history = train_second_opinion(splits["train"], splits["val-a"], epochs, seed)
     model, _ = load_checkpoint(checkpoint)
@@ -221,6 +231,7 @@ def main(
         "checkpoint": str(checkpoint),
         "candidates": candidates,
         "seed": seed,
+        "text": text,
         "history": history,
     }
     halves = {}
