@@ -61,6 +61,14 @@ class StoreConfig:
     # needs room in its WAL to delete): released when a delete finds the disk full, made again once
     # the disk has twice this much free. 0: no reserve.
     disk_reserve_bytes: int = 8 * 2**20
+    # The CLS vectors' width where it is not the patch vectors' (model.json `cls_dim`: a served global
+    # vector that joins two global vectors, docs/model-card.md); None: `dim`.
+    cls_dim: int | None = None
+
+    @property
+    def global_dim(self) -> int:
+        """The CLS vectors' width: what the CLS index and its snapshots hold."""
+        return self.cls_dim or self.dim
 
 
 @dataclass
@@ -224,6 +232,7 @@ class VectorStore:
             self.config.patch_pool = theirs.get("patch_pool", 1)
         mine = {
             "dim": self.config.dim,
+            "cls_dim": self.config.global_dim,
             "model": self.config.model,
             "patch_codec": self.config.patch_codec,
             "patch_pool": self.config.patch_pool,
@@ -235,7 +244,9 @@ class VectorStore:
             self._db.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(mine),))
             return
         for key, value in mine.items():
-            if theirs.get(key, 1 if key == "patch_pool" else None) != value:
+            # directories written before a key existed hold its old meaning: no pooling, CLS at `dim`
+            before = {"patch_pool": 1, "cls_dim": theirs.get("dim")}.get(key)
+            if theirs.get(key, before) != value:
                 raise StoreMismatch(
                     f"{self.db_path} was written with {key}={theirs.get(key)!r}, this service has {value!r}; "
                     "use another data directory or re-index with this model"
@@ -272,7 +283,7 @@ class VectorStore:
             self._warn_rebuild(f"holds {len(cls)} items after replay, the table {len(self._codes)}")
             cls = None
         if cls is None:
-            cls = ClsIndex(self.config.dim, self.config.cls_factory)
+            cls = ClsIndex(self.config.global_dim, self.config.cls_factory)
             rows = self._db.execute("SELECT iid, cls FROM items ORDER BY iid")
             cls.add([(iid, np.frombuffer(c, dtype=np.float32)) for iid, c in rows])
         if self.config.use_gpu:
@@ -288,7 +299,7 @@ class VectorStore:
         except UnreadableSnapshot as exc:
             self._warn_rebuild(str(exc))
             return None
-        cls = ClsIndex(self.config.dim, self.config.cls_factory, index)
+        cls = ClsIndex(self.config.global_dim, self.config.cls_factory, index)
         for op, iid in self._db.execute("SELECT op, iid FROM changes WHERE seq > ? ORDER BY seq", (identity.seq,)):
             if op == "del":
                 cls.remove(iid)
@@ -305,7 +316,7 @@ class VectorStore:
 
     def _snapshot_identity(self, seq: int) -> SnapshotIdentity:
         store_id = (self._meta("store_id") or b"").decode()
-        return SnapshotIdentity(store_id, seq, self.config.dim, self.config.cls_factory)
+        return SnapshotIdentity(store_id, seq, self.config.global_dim, self.config.cls_factory)
 
     def _recorded_snapshot_seq(self) -> int:
         """The change number of the last snapshot this table recorded (-1: none recorded), so an older
@@ -475,11 +486,11 @@ class VectorStore:
         return ItemInput(it.id, it.cls, vectors, it.metadata)
 
     def _validate(self, it: ItemInput) -> None:
-        d = self.config.dim
+        d, g = self.config.dim, self.config.global_dim
         if not it.id or len(it.id) > 512:
             raise ValueError("item ids must be 1 to 512 characters")
-        if it.cls.shape != (d,) or it.vectors.ndim != 2 or it.vectors.shape[1] != d or len(it.vectors) == 0:
-            raise ValueError(f"item {it.id!r}: expected cls [{d}] and vectors [n>0, {d}]")
+        if it.cls.shape != (g,) or it.vectors.ndim != 2 or it.vectors.shape[1] != d or len(it.vectors) == 0:
+            raise ValueError(f"item {it.id!r}: expected cls [{g}] and vectors [n>0, {d}]")
         if not (np.isfinite(it.cls).all() and np.isfinite(it.vectors).all()):
             raise ValueError(f"item {it.id!r}: vectors contain NaN or infinity")
 

@@ -36,10 +36,18 @@ def load_model_card(model_dir: Path) -> dict[str, Any]:
     return card
 
 
+def cls_dim(card: dict[str, Any]) -> int:
+    """The width of the model's CLS vectors: `cls_dim` where the card has one (a global vector that
+    joins two, docs/model-card.md), else `dim`, the patch and word vectors' width."""
+    return int(card.get("cls_dim", card["dim"]))
+
+
 def store_config(card: dict[str, Any], **options: Any) -> StoreConfig:
-    """The index configuration for this model: its vector size, name and patch grid, plus options
+    """The index configuration for this model: its vector sizes, name and patch grid, plus options
     (codec, pooling, CLS factory, ...). The store refuses a data directory written for another model."""
-    return StoreConfig(dim=card["dim"], model=card["name"], patch_grid=card["image"]["grid"], **options)
+    return StoreConfig(
+        dim=card["dim"], cls_dim=cls_dim(card), model=card["name"], patch_grid=card["image"]["grid"], **options
+    )
 
 
 @dataclass(frozen=True)

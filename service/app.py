@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from index import VectorStore, one_thread_per_search
-from runtime.modelcard import load_model_card, rerank_defaults, store_config
+from runtime.modelcard import cls_dim, load_model_card, rerank_defaults, store_config
 from runtime.tokenizer import TextTokenizer
 from service import metrics
 from service.batching import BatchedEncoders
@@ -86,6 +86,7 @@ def load_state(state: AppState, backends: Backends = local_backends) -> None:
             "provider": encoders.provider,
             "precision": encoders.precision,
             "dim": str(card["dim"]),
+            "cls_dim": str(cls_dim(card)),
             "index_on_gpu": str(store.gpu).lower(),
             "cls_factory": s.cls_factory,
             "patch_codec": store.config.patch_codec,

@@ -21,7 +21,7 @@ from index.store import ItemInput
 from runtime.errors import InputError
 from runtime.images import find_images
 from runtime.ingest import prepare_image
-from runtime.modelcard import load_model_card, store_config
+from runtime.modelcard import cls_dim, load_model_card, store_config
 
 
 def _decode_batch(batch: dict, spec: dict, max_bytes: int, max_pixels: int) -> dict:
@@ -46,12 +46,12 @@ class _Encoder:
         from runtime.encoders import Encoders
 
         card = load_model_card(Path(model_dir))
-        self.dim, self.patches = card["dim"], card["image"]["num_patches"]
+        self.dim, self.cls_dim, self.patches = card["dim"], cls_dim(card), card["image"]["num_patches"]
         self.encoders = Encoders(Path(model_dir), card, providers=providers)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["id"])
-        cls = np.zeros((n, self.dim), np.float32)
+        cls = np.zeros((n, self.cls_dim), np.float32)
         patches = np.zeros((n, self.patches, self.dim), np.float32)
         ok = [i for i in range(n) if not batch["error"][i]]
         if ok:

@@ -129,7 +129,8 @@ class ImageVectors(BaseModel):
 
 class ImageEmbeddings(BaseModel):
     model: str
-    dim: int
+    dim: int = Field(description="width of the patch vectors")
+    cls_dim: int = Field(description="width of the CLS vectors")
     embeddings: list[ImageVectors]
 
 
@@ -142,7 +143,8 @@ class TextVectors(BaseModel):
 
 class TextEmbeddings(BaseModel):
     model: str
-    dim: int
+    dim: int = Field(description="width of the word vectors")
+    cls_dim: int = Field(description="width of the CLS vectors")
     embeddings: list[TextVectors]
 
 

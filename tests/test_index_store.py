@@ -230,6 +230,39 @@ def test_mismatched_model_or_dim_is_refused(tmp_path, rng):
         VectorStore(tmp_path, StoreConfig(dim=D * 2, model="test-model"))
 
 
+def test_cls_vectors_wider_than_the_patch_vectors(tmp_path, rng):
+    """A model whose served global vector joins two (model.json cls_dim = 2 x dim): the CLS index and
+    its snapshots take the wider vectors, the patches and the rerank keep theirs."""
+    wide = lambda **kw: StoreConfig(dim=D, cls_dim=2 * D, model="test-model", snapshot_every=3, **kw)  # noqa: E731
+    items = [ItemInput(f"i{i}", unit(rng.normal(size=2 * D)), unit(rng.normal(size=(6, D))), {}) for i in range(8)]
+    store = VectorStore(tmp_path, wide())
+    store.add(items)
+    with pytest.raises(ValueError, match=rf"expected cls \[{2 * D}\] and vectors \[n>0, {D}\]"):
+        store.add([item(rng, "narrow")])  # a CLS of the patch width is refused, naming both widths
+    words = Query(items[5].cls, items[5].vectors, np.ones(6))
+    assert store.search(Query(items[5].cls), k=1, rerank=False)[0].id == "i5"
+    assert store.search(words, k=1, cls_weight=0.5)[0].id == "i5"
+    again = VectorStore(tmp_path, wide())  # from the snapshot (taken every 3 changes) and the log
+    assert len(again) == 8 and again.search(Query(items[2].cls), k=1, rerank=False)[0].id == "i2"
+    with pytest.raises(StoreMismatch, match="cls_dim"):
+        VectorStore(tmp_path, cfg())  # the same model name and patch width, a narrower CLS
+
+
+def test_a_directory_from_before_cls_dim_opens_as_cls_at_dim(tmp_path, rng):
+    import sqlite3
+
+    VectorStore(tmp_path, cfg()).add([item(rng, "a")])
+    db = sqlite3.connect(tmp_path / "items.sqlite")
+    stored = json.loads(db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
+    del stored["cls_dim"]
+    db.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps(stored).encode(),))
+    db.commit()
+    db.close()
+    assert len(VectorStore(tmp_path, cfg())) == 1
+    with pytest.raises(StoreMismatch, match="cls_dim"):
+        VectorStore(tmp_path, StoreConfig(dim=D, cls_dim=2 * D, model="test-model"))
+
+
 def test_corrupt_database_is_refused_with_its_name(tmp_path):
     (tmp_path / "items.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(CorruptStoreFile, match=r"items\.sqlite"):

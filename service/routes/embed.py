@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
+from runtime.modelcard import cls_dim
 from service.deps import AppState, get_state
 from service.errors import ApiError
 from service.forms import Utf8FormRoute
@@ -38,7 +39,7 @@ async def embed_images(
         if patches:
             item["patches"] = emb.patches.tolist()
         out.append(item)
-    return {"model": state.card["name"], "dim": state.card["dim"], "embeddings": out}
+    return {"model": state.card["name"], "dim": state.card["dim"], "cls_dim": cls_dim(state.card), "embeddings": out}
 
 
 @router.post("/embed/text", response_model_exclude_unset=True)  # optional parts only when asked for
@@ -55,4 +56,4 @@ async def embed_text(body: TextRequest, state: AppState = Depends(get_state)) ->
             vectors, words = query.words()
             item["tokens"], item["words"] = vectors.tolist(), words
         out.append(item)
-    return {"model": state.card["name"], "dim": state.card["dim"], "embeddings": out}
+    return {"model": state.card["name"], "dim": state.card["dim"], "cls_dim": cls_dim(state.card), "embeddings": out}
