@@ -38,7 +38,7 @@ from benchmarks.service_bench import WORDS, run_wrk, unit  # noqa: E402
 from index import VectorStore  # noqa: E402
 from index.sharding import shard_of  # noqa: E402
 from index.store import ItemInput  # noqa: E402
-from runtime.modelcard import load_model_card, store_config  # noqa: E402
+from runtime.modelcard import cls_dim, load_model_card, store_config  # noqa: E402
 from tests.server import free_port, running_server  # noqa: E402
 
 CODEC, POOL, BANK = "SQ4", 2, 512
@@ -50,14 +50,15 @@ def fill_shard(model_dir: Path, directory: Path, n: int, shards: int, shard: int
     if (directory / "done").exists():
         return
     shutil.rmtree(directory, ignore_errors=True)
-    store = VectorStore(directory, store_config(card, patch_codec=CODEC, use_gpu=False, patch_pool=POOL))
+    config = store_config(card, patch_codec=CODEC, use_gpu=False, patch_pool=POOL)
+    store = VectorStore(directory, config)
     rng = np.random.default_rng(1000 + shard)
     dim, patches = card["dim"], card["image"]["num_patches"]
     bank = [unit(rng.standard_normal((patches, dim), dtype=np.float32)) for _ in range(BANK)]
     mine = [i for i in range(n) if shard_of(f"item{i}", shards) == shard]
     for start in tqdm(range(0, len(mine), 512), desc=f"{shards}-way shard {shard}", unit="batch", position=shard):
         ids = mine[start : start + 512]
-        cls = unit(np.random.default_rng(ids[0]).standard_normal((len(ids), dim), dtype=np.float32))
+        cls = unit(np.random.default_rng(ids[0]).standard_normal((len(ids), config.global_dim), dtype=np.float32))
         store.add([ItemInput(f"item{i}", cls[j], bank[i % BANK], {"n": i}) for j, i in enumerate(ids)])
     store.close()
     (directory / "done").touch()
@@ -127,7 +128,7 @@ def main() -> None:
     report = {
         "machine": describe(),
         "items": args.items,
-        "store": {"patch_codec": CODEC, "patch_pool": POOL, "bytes_per_item": 8192 + 4 * card["dim"]},
+        "store": {"patch_codec": CODEC, "patch_pool": POOL, "bytes_per_item": 8192 + 4 * cls_dim(card)},
         "candidates": candidates,
         "fill_seconds": round(time.perf_counter() - t0, 1),
         "command": " ".join(sys.argv),

@@ -74,7 +74,7 @@ def fill(data_dir: Path, card: dict, n: int, codec: str, pool: int, rng: np.rand
     bank = [unit(rng.standard_normal((patches, dim), dtype=np.float32)) for _ in range(min(BANK, n))]
     for start in tqdm(range(0, n, 512), desc=f"fill {n} items", unit="batch"):
         ids = range(start, min(n, start + 512))
-        cls = unit(rng.standard_normal((len(ids), dim), dtype=np.float32))
+        cls = unit(rng.standard_normal((len(ids), config.global_dim), dtype=np.float32))
         store.add([ItemInput(f"item{i}", cls[j], bank[i % len(bank)], {"n": i}) for j, i in enumerate(ids)])
     store.close()
 

@@ -75,6 +75,12 @@ class FineGrainedConfig:
     # a second, frozen ConvNet tower whose maps the patch head reads beside the ViT blocks
     # (model/cnn.py: 'none', 'efficientnet-lite0' or 'efficientnet-lite2'); its weights come from its pip package
     cnn: str = "none"
+    # A second global vector from evidence CLS does not have: the ConvNet's maps mean-pooled, against
+    # the text tower's outputs mean-pooled over the words, each through LayerNorm + Linear, trained
+    # without CLS (training/second_opinion.py). The served CLS vector is then
+    # [sqrt(1 - w) CLS, sqrt(w) second], so one inner product is (1 - w) CLS + w second and the first
+    # stage searches the fused score (docs/fine-grained.md). The weight w; 0: none.
+    second_opinion: float = 0.0
 
 
 @dataclass
@@ -92,6 +98,12 @@ class EmkumConfig:
     proj_dim: int = 256  # FILIP's token dimension
     teacher_dim: int | None = 1280  # KD regression head output (EfficientNet-Lite0 features)
     fine_grained: FineGrainedConfig | None = None  # None: patches and tokens come from the shared block
+
+    @property
+    def cls_dim(self) -> int:
+        """The served CLS vector's width: `proj_dim`, twice that with a second opinion."""
+        fg = self.fine_grained
+        return self.proj_dim * (2 if fg is not None and fg.second_opinion else 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,7 +24,7 @@ IMAGE_TYPE, TEXT_TYPE = 0, 1
 
 @dataclass
 class ImageOutput:
-    cls: torch.Tensor  # [B, P] L2-normalised global vector
+    cls: torch.Tensor  # [B, cls_dim] L2-normalised global vector (config.py `cls_dim`)
     patches: torch.Tensor  # [B, N, P] L2-normalised patch vectors
     hidden: torch.Tensor  # [B, 1 + N, width] shared-block output, before the projection
     kd: torch.Tensor | None  # [B, teacher_dim] regression-head prediction from [I_CLS]
@@ -34,7 +34,7 @@ class ImageOutput:
 
 @dataclass
 class TextOutput:
-    cls: torch.Tensor  # [B, P]
+    cls: torch.Tensor  # [B, cls_dim]
     tokens: torch.Tensor  # [B, L, P] (position 0 is [T_CLS]; use `token_mask` to pick words)
     token_mask: torch.Tensor  # [B, L] 1 for word tokens: not CLS, not SEP, not padding
     hidden: torch.Tensor
@@ -154,6 +154,16 @@ class Emkum(nn.Module):
             if fg
             else None
         )
+        # the second opinion (config.py `second_opinion`): its two small heads
+        self.second_image = self.second_text = None
+        if fg is not None and fg.second_opinion:
+            if self.cnn is None:
+                raise ValueError("fine_grained.second_opinion reads the ConvNet's maps: set fine_grained.cnn")
+            if not 0 < fg.second_opinion < 1:
+                raise ValueError(f"fine_grained.second_opinion must be in (0, 1), got {fg.second_opinion}")
+            maps = sum(self.cnn.widths)
+            self.second_image = nn.Sequential(nn.LayerNorm(maps), nn.Linear(maps, cfg.proj_dim))
+            self.second_text = nn.Sequential(nn.LayerNorm(cfg.text.width), nn.Linear(cfg.text.width, cfg.proj_dim))
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -171,6 +181,11 @@ class Emkum(nn.Module):
             x = block(x, bias)
         return self.final_norm(x)
 
+    def _with_second_opinion(self, cls: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """[sqrt(1 - w) CLS, sqrt(w) second]: unit norm, and its inner product is the fused score."""
+        w = self.cfg.fine_grained.second_opinion
+        return torch.cat([math.sqrt(1 - w) * cls, math.sqrt(w) * F.normalize(second, dim=-1)], dim=-1)
+
     # -- public ----------------------------------------------------------------------------
     def encode_image(
         self, pixels: torch.Tensor, with_kd: bool = True, keep_layers: tuple[int, ...] = ()
@@ -183,13 +198,16 @@ class Emkum(nn.Module):
         hidden = self._shared(self.vision_adapter(tower), IMAGE_TYPE, None)
         emb = F.normalize(self.image_proj(hidden), dim=-1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        patches = self.fine_grained_patches(pixels, layers) if keep else emb[:, 1:]
-        return ImageOutput(cls=emb[:, 0], patches=patches, hidden=hidden, kd=kd, layers=layers)
+        maps = self.cnn(pixels) if (keep and self.cnn is not None) else []
+        patches = self.fine_grained_patches(layers, maps) if keep else emb[:, 1:]
+        cls = emb[:, 0]
+        if self.second_image is not None:
+            cls = self._with_second_opinion(cls, self.second_image(torch.cat([m.mean(1) for m in maps], dim=-1)))
+        return ImageOutput(cls=cls, patches=patches, hidden=hidden, kd=kd, layers=layers)
 
-    def fine_grained_patches(self, pixels: torch.Tensor, layers: dict[int, torch.Tensor]) -> torch.Tensor:
+    def fine_grained_patches(self, layers: dict[int, torch.Tensor], maps: list[torch.Tensor]) -> torch.Tensor:
         """The fine-grained head's patch vectors from the tower blocks it reads (`layers`, raw outputs
         with [I_CLS] first) and, when it has one, the second tower's maps of the same pixels."""
-        maps = self.cnn(pixels) if self.cnn is not None else []
         return self.fg_image(*(layers[i][:, 1:] for i in self.cfg.fine_grained.vision_layers), *maps)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor, with_kd: bool = True) -> TextOutput:
@@ -202,7 +220,11 @@ class Emkum(nn.Module):
         if self.fg_text is not None:  # position 0 stays the CLS vector; the rest are the words' CMLI vectors
             emb = torch.cat([emb[:, :1], self.fg_text(tower[:, 1:], words=word[:, 1:])], dim=1)
         kd = self.kd_head(hidden[:, 0]) if (with_kd and self.kd_head is not None) else None
-        return TextOutput(cls=emb[:, 0], tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd, tower=tower)
+        cls = emb[:, 0]
+        if self.second_text is not None:  # the tower's outputs averaged over the words
+            w = word.to(tower.dtype)[..., None]
+            cls = self._with_second_opinion(cls, self.second_text((tower * w).sum(1) / w.sum(1).clamp_min(1)))
+        return TextOutput(cls=cls, tokens=emb, token_mask=word.to(emb.dtype), hidden=hidden, kd=kd, tower=tower)
 
     def forward(
         self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor

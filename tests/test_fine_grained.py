@@ -165,6 +165,7 @@ def test_a_model_with_the_head_saves_loads_and_exports_with_parity(tmp_path):
         "attention": 1,
         "caption_context": 0.5,
         "cnn": "none",
+        "second_opinion": 0.0,
     }
     assert written["fine_grained"]["vision_layers"] == [2]
 

@@ -1,4 +1,5 @@
-"""The training side of `emkum`: train, train-fine-grained, export, build-default and eval.
+"""The training side of `emkum`: train, train-fine-grained, train-second-opinion, export, build-default
+and eval.
 
 These commands reach `emkum` as a plugin (the `emkum.commands` entry point in pyproject.toml), so the
 serving CLI (`service/cli.py`) never names this package and an install without it (the serving
@@ -71,6 +72,24 @@ def train_fine_grained(
     cfg = FineGrainedRun.model_validate(_merge(base, parse_overrides(set_)))
     summary = run(cfg)
     typer.echo(json.dumps({"out": summary["out"], "final": summary["history"][-1]}, indent=2))
+
+
+@app.command("train-second-opinion")
+def train_second_opinion(
+    config: Annotated[Path | None, typer.Option(help="a .toml with SecondOpinionRun keys")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override a key: --set epochs=20")] = [],  # noqa: B006
+) -> None:
+    """Train the second opinion (a global vector from the ConvNet's pooled maps and the text tower's
+    pooled words, fused into the served CLS vector) of a model with a fine-grained head, on the same
+    cached features as train-fine-grained; the fusion weights are chosen on the val half."""
+    import tomllib
+
+    from training.second_opinion import SecondOpinionRun, run
+
+    base = tomllib.loads(config.read_text()) if config else {}
+    cfg = SecondOpinionRun.model_validate(_merge(base, parse_overrides(set_)))
+    summary = run(cfg)
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "global_mean6_by_weight"}, indent=2))
 
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "model" / "weights" / "emkum-flickr8k.partial.safetensors"

@@ -52,7 +52,8 @@ def image_stages(model: Emkum, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     out["after shared block"] = model.final_norm(h)[:, 1:]
     out["shared projection"] = F.normalize(model.image_proj(model.final_norm(h)), dim=-1)[:, 1:]
     if fg:
-        out[fine_grained_stage(model)] = model.fine_grained_patches(pixels, kept)
+        maps = model.cnn(pixels) if model.cnn is not None else []
+        out[fine_grained_stage(model)] = model.fine_grained_patches(kept, maps)
     return out
 
 

@@ -195,7 +195,8 @@ def model_card(
         "format_version": FORMAT_VERSION,
         "name": name,
         "files": files,
-        "dim": cfg.proj_dim,
+        "dim": cfg.proj_dim,  # patch and word vectors
+        "cls_dim": cfg.cls_dim,  # the CLS vectors: twice `dim` with a second opinion (model/config.py)
         "image": {
             "size": cfg.vision.image_size,
             "patch_size": cfg.vision.patch_size,

@@ -101,7 +101,7 @@ def cache_split(
 
     for name, (count, make) in image_sets(images, groups, cfg.vision.image_size).items():
         outs = {layer: _open(folder, f"{name}_block{layer}", (count, n_patch, width)) for layer in layers}
-        cls_out = _open(folder, f"{name}_cls", (count, cfg.proj_dim), np.float32) if name == "single" else None
+        cls_out = _open(folder, f"{name}_cls", (count, cfg.cls_dim), np.float32) if name == "single" else None
         for s in tqdm(range(0, count, batch), desc=f"tower features: {name}", unit="batch"):
             e = min(s + batch, count)
             kept, cls = run_images(make(s, e))
@@ -179,7 +179,7 @@ def cache_texts(model: Emkum, tokenizer: TextTokenizer, texts: list[str], folder
     tok = _open(folder, f"{prefix}_tokens", (len(texts), MAX_TOKENS, cfg.text.width))
     word = np.zeros((len(texts), MAX_TOKENS), dtype=np.float32)
     content = np.zeros((len(texts), MAX_TOKENS), dtype=np.float32)
-    cls = _open(folder, f"{prefix}_cls", (len(texts), cfg.proj_dim), np.float32)
+    cls = _open(folder, f"{prefix}_cls", (len(texts), cfg.cls_dim), np.float32)
     for s in tqdm(range(0, len(texts), 256), desc=f"text features: {prefix}", unit="batch"):
         b = tokenizer(texts[s : s + 256])
         ids, mask = torch.from_numpy(b.ids[:, :MAX_TOKENS]), torch.from_numpy(b.mask[:, :MAX_TOKENS])

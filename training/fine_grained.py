@@ -446,12 +446,23 @@ def head_patches(image_head, cache: dict, chunk: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def two_stage_scores(image_head, text_head, feats: SplitFeatures, cache: dict, k: int) -> dict:
-    """Both directions of the two-stage search on cached features: CLS top `k` (the served vectors),
-    then CMLI from the heads (eq. 4 for text queries, eq. 3 for image queries). The in-loop evaluation
-    and benchmarks/fusion_sweep.py both read these; the store does the same at serving time."""
-    img_cls = torch.from_numpy(np.array(feats.array("single_cls")))
-    txt_cls = torch.from_numpy(np.array(feats.array("text_cls")))
+def two_stage_scores(
+    image_head,
+    text_head,
+    feats: SplitFeatures,
+    cache: dict,
+    k: int,
+    global_vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict:
+    """Both directions of the two-stage search on cached features: CLS top `k` (the served vectors,
+    or `global_vectors`, (images, captions), in their place), then CMLI from the heads (eq. 4 for text
+    queries, eq. 3 for image queries). The in-loop evaluation and benchmarks/fusion_sweep.py both read
+    these; the store does the same at serving time."""
+    if global_vectors is None:
+        img_cls = torch.from_numpy(np.array(feats.array("single_cls")))
+        txt_cls = torch.from_numpy(np.array(feats.array("text_cls")))
+    else:
+        img_cls, txt_cls = global_vectors
     patches = head_patches(image_head, cache)
     tok, word, _ = _texts(np.arange(len(txt_cls)), cache["tokens"], cache["word"], cache["content"])
     tokens = text_head(tok, words=word)
@@ -545,6 +556,9 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
     """A copy of `model` configured with the fine-grained head and carrying the trained weights."""
     import copy
 
+    before = model.cfg.fine_grained
+    # a second opinion reads the ConvNet's maps and the text tower, not the head: kept with its ConvNet
+    second = before.second_opinion if before is not None and before.cnn == cfg.cnn else 0.0
     out_cfg = copy.deepcopy(model.cfg)
     out_cfg.fine_grained = FineGrainedConfig(
         vision_layers=tuple(cfg.layers),
@@ -553,10 +567,12 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
         attention=cfg.attention,
         caption_context=cfg.caption_context,
         cnn=cfg.cnn,
+        second_opinion=second,
     )
     new = Emkum(out_cfg)
     # everything but the head (and its second tower) from `model`, whose own head may differ in shape
-    base = {k: v for k, v in model.state_dict().items() if not k.startswith(("fg_image.", "fg_text.", "cnn."))}
+    drop = ("fg_image.", "fg_text.", "cnn.") + (() if second else ("second_",))
+    base = {k: v for k, v in model.state_dict().items() if not k.startswith(drop)}
     missing, unexpected = new.load_state_dict(base, strict=False)
     assert not unexpected and all(k.startswith(("fg_image.", "fg_text.", "cnn.")) for k in missing), missing
     if new.cnn is not None:  # frozen: the package's weights, as the cache read them
@@ -566,23 +582,47 @@ def heads_into_model(model: Emkum, heads: Heads, cfg: FineGrainedTrainConfig) ->
     return new.eval()
 
 
+TRAIN_DATA = "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-train-*.tar:train"
+VAL_DATA = "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-val-*.tar:val"
+
+
 class FineGrainedRun(BaseModel):
     """`emkum train-fine-grained`: which model, which data, where the cache and the result go."""
 
     model_config = ConfigDict(extra="forbid")
     checkpoint: str = "model/weights/emkum-flickr8k.partial.safetensors"
     out: str = "runs/fine-grained/model.safetensors"
-    train_data: str = (
-        "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-train-*.tar:train"
-    )
-    val_data: str = (
-        "karpathy:../shared/data/flickr8k/dataset_flickr8k.json:../shared/data/flickr8k/images-val-*.tar:val"
-    )
+    train_data: str = TRAIN_DATA
+    val_data: str = VAL_DATA
     val_half: str = "a"  # choices are made on this half; `emkum eval --half b` reports on the other
     cache_dir: str = "runs/fine-grained/cache"
     layers: tuple[int, ...] = (8, 10, 12)  # blocks cached (the head reads `train.layers`)
     train_collages: dict[int, int] = {2: 2, 3: 2}  # cells per side: random groupings of all images
     train: FineGrainedTrainConfig = FineGrainedTrainConfig()
+
+
+def cached_splits(model: Emkum, cfg: FineGrainedRun, cnn: str) -> dict[str, SplitFeatures]:
+    """The training split's and the val half's feature caches under `cfg.cache_dir`, made once per
+    checkpoint and data; a cache made without the ConvNet `cnn` gains its maps."""
+    from model.pretrained import minilm_dir
+    from runtime.tokenizer import TextTokenizer
+    from training.data import read_spec, select_half
+    from training.feature_cache import cache_cnn, cache_split
+
+    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", model.cfg.text.max_length)
+    splits = {}
+    for name, spec, half, collages in (
+        ("train", cfg.train_data, None, cfg.train_collages),
+        (f"val-{cfg.val_half}", cfg.val_data, cfg.val_half, {2: 1, 3: 1}),
+    ):
+        folder = Path(cfg.cache_dir) / name
+        if not (folder / "meta.json").is_file():
+            cache_split(model, select_half(read_spec(spec), half), tokenizer, folder, cfg.layers, collages)
+        feats = SplitFeatures.load(folder)
+        if cnn != "none" and not all((folder / f"{n}.npy").is_file() for n in _patch_arrays("single", (), cnn)):
+            cache_cnn(feats, select_half(read_spec(spec), half), cnn, model.cfg.vision)
+        splits[name] = feats
+    return splits
 
 
 def run(cfg: FineGrainedRun) -> dict:
@@ -592,28 +632,9 @@ def run(cfg: FineGrainedRun) -> dict:
     from safetensors import safe_open
 
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.pretrained import minilm_dir
-    from runtime.tokenizer import TextTokenizer
-    from training.data import read_spec, select_half
-    from training.feature_cache import cache_cnn, cache_split
 
     model, header = load_checkpoint(Path(cfg.checkpoint))
-    tokenizer = TextTokenizer(minilm_dir() / "tokenizer.json", model.cfg.text.max_length)
-    cache = Path(cfg.cache_dir)
-    splits = {}
-    for name, spec, half, collages in (
-        ("train", cfg.train_data, None, cfg.train_collages),
-        (f"val-{cfg.val_half}", cfg.val_data, cfg.val_half, {2: 1, 3: 1}),
-    ):
-        folder = cache / name
-        if not (folder / "meta.json").is_file():
-            cache_split(model, select_half(read_spec(spec), half), tokenizer, folder, cfg.layers, collages)
-        feats = SplitFeatures.load(folder)
-        if cfg.train.cnn != "none" and not all(
-            (folder / f"{n}.npy").is_file() for n in _patch_arrays("single", (), cfg.train.cnn)
-        ):  # a cache made without the second tower gains its maps
-            cache_cnn(feats, select_half(read_spec(spec), half), cfg.train.cnn, model.cfg.vision)
-        splits[name] = feats
+    splits = cached_splits(model, cfg, cfg.train.cnn)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     heads, history = train_heads(
