@@ -6,8 +6,10 @@ towers the design card ships beside ours: EfficientNet-Lite0's maps (the ones th
 mean-pooled over the grid, against the frozen MiniLM's mean-pooled token outputs (the sentence
 vector all-MiniLM-L6-v2 was trained to give). One LayerNorm + Linear to 256 on each side, trained
 with CLIP's symmetric InfoNCE on the cached training features (30,000 captions of 6,000 images;
-seconds per epoch on a CPU). The epoch and the fusion weights are chosen on val half a; half b
-reports, with paired bootstrap intervals (training/metrics.py). Also measured: the same ensemble
+seconds per epoch on a CPU): training/second_opinion.py's heads and loop, which train the default
+model's second opinion (there with our own text tower's side: `--text fine-tuned` here). The epoch
+and the fusion weights are chosen on val half a; half b reports, with paired bootstrap intervals
+(training/metrics.py). Also measured: the same ensemble
 over the whole collection (the two global vectors concatenated with weights), and a correction of
 the CLS vector trained from the same features instead (`Correction`), on half a.
 
@@ -41,6 +43,8 @@ from model.checkpoint import load_checkpoint  # noqa: E402
 from training.feature_cache import SplitFeatures  # noqa: E402
 from training.fine_grained import load_cache, two_stage_scores  # noqa: E402
 from training.metrics import i2t_recall, mean6_gain_interval, summarise, t2i_recall  # noqa: E402
+from training.second_opinion import Pooled, SecondOpinionHeads, SecondOpinionRun, train_heads  # noqa: E402
+from training.second_opinion import mean6 as full_mean6  # noqa: E402
 
 CNN_MAPS = ("single_efficientnet-lite0_0", "single_efficientnet-lite0_1")
 
@@ -69,60 +73,10 @@ def pooled_features(
     return torch.from_numpy(np.concatenate(maps, 1)), torch.from_numpy(np.concatenate(sentences)), owner
 
 
-class SecondOpinion(torch.nn.Module):
-    """LayerNorm + Linear per side into one 256-d space, and CLIP's temperature."""
-
-    def __init__(self, image_width: int, text_width: int, dim: int = 256) -> None:
-        super().__init__()
-        self.image = torch.nn.Sequential(torch.nn.LayerNorm(image_width), torch.nn.Linear(image_width, dim))
-        self.text = torch.nn.Sequential(torch.nn.LayerNorm(text_width), torch.nn.Linear(text_width, dim))
-        self.logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-
-    def scores(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text(text), dim=-1) @ F.normalize(self.image(image), dim=-1).T
-
-
-def full_mean6(sim: torch.Tensor, owner: np.ndarray) -> float:
-    t2i, i2t = sim.topk(10, dim=1).indices.numpy(), sim.T.topk(10, dim=1).indices.numpy()
-    return summarise(i2t_recall(i2t, owner), t2i_recall(t2i, owner))["mean6"]
-
-
-def train_second_opinion(train, val, epochs: int, seed: int = 0) -> tuple[SecondOpinion, list[dict]]:
-    """Symmetric InfoNCE, batches of 256 images with one random caption each; the epoch with the best
-    Mean6 on `val` (the second opinion alone, full ranking) is kept."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    (img, txt, owner), (val_img, val_txt, val_owner) = train, val
-    model = SecondOpinion(img.shape[1], txt.shape[1])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    by_image = [np.flatnonzero(owner == i) for i in range(len(img))]
-    history, best = [], None
-    for epoch in range(epochs):
-        model.train()
-        order = rng.permutation(len(img))
-        for s in range(0, len(img) - 255, 256):
-            images = order[s : s + 256]
-            captions = np.array([rng.choice(by_image[i]) for i in images])
-            logits = model.logit_scale.exp().clamp(max=100) * model.scores(txt[captions], img[images])
-            target = torch.arange(len(images))
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "loss": round(loss.item(), 3),
-                    "mean6": full_mean6(model.scores(val_txt, val_img), val_owner),
-                }
-            )
-        typer.echo(json.dumps(history[-1]))
-        if best is None or history[-1]["mean6"] > best[0]:
-            best = (history[-1]["mean6"], {k: v.clone() for k, v in model.state_dict().items()})
-    model.load_state_dict(best[1])
-    return model.eval(), history
+def scores(heads: SecondOpinionHeads, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """The second opinion's caption x image scores."""
+    img, txt = heads.vectors(image, text)
+    return txt @ img.T
 
 
 class Correction(torch.nn.Module):
@@ -223,7 +177,8 @@ def main(
         name: pooled_features(cache / name, prior_cache / name, text=text) for name in ("train", "val-a", "val-b")
     }
     with torch.enable_grad():
-        second, history = train_second_opinion(splits["train"], splits["val-a"], epochs, seed)
+        run = SecondOpinionRun(epochs=epochs, seed=seed)
+        second, history = train_heads(Pooled(*splits["train"]), Pooled(*splits["val-a"]), 256, run)
     model, _ = load_checkpoint(checkpoint)
     fg = model.cfg.fine_grained
     report: dict = {
@@ -241,7 +196,7 @@ def main(
             model.fg_image, model.fg_text, feats, load_cache(feats, fg.vision_layers, fg.cnn), candidates
         )
         img, txt, _ = splits[f"val-{half}"]
-        halves[half] = (stage, second.scores(txt, img).numpy())
+        halves[half] = (stage, scores(second, txt, img).numpy())
     # weights chosen on half a, for each combination
     stage_a, second_a = halves["a"]
     choices = {
@@ -269,7 +224,7 @@ def main(
     def whole(half: str, c: float) -> float:
         image_cls, text_cls = cls[half]
         img, txt, owner = splits[f"val-{half}"]
-        return full_mean6((1 - c) * (text_cls @ image_cls.T) + c * second.scores(txt, img), owner)
+        return full_mean6((1 - c) * (text_cls @ image_cls.T) + c * scores(second, txt, img), owner)
 
     c = max(np.round(np.arange(0, 1.0001, 0.05), 2), key=lambda c: whole("a", float(c)))
     report["whole_collection"] = {"second_weight_chosen_on_half_a": float(c)} | {
