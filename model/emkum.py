@@ -120,6 +120,12 @@ class FineGrainedHead(nn.Module):
         return y
 
 
+def second_opinion_head(width: int, dim: int) -> nn.Sequential:
+    """One side of the second opinion (config.py `second_opinion`): LayerNorm + Linear of a pooled
+    vector; training/second_opinion.py trains the same shape on cached features."""
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+
+
 class Emkum(nn.Module):
     def __init__(self, cfg: EmkumConfig) -> None:
         super().__init__()
@@ -162,8 +168,8 @@ class Emkum(nn.Module):
             if not 0 < fg.second_opinion < 1:
                 raise ValueError(f"fine_grained.second_opinion must be in (0, 1), got {fg.second_opinion}")
             maps = sum(self.cnn.widths)
-            self.second_image = nn.Sequential(nn.LayerNorm(maps), nn.Linear(maps, cfg.proj_dim))
-            self.second_text = nn.Sequential(nn.LayerNorm(cfg.text.width), nn.Linear(cfg.text.width, cfg.proj_dim))
+            self.second_image = second_opinion_head(maps, cfg.proj_dim)
+            self.second_text = second_opinion_head(cfg.text.width, cfg.proj_dim)
         # CLIP's learnable temperature, initialised at 1/0.07 and clamped at 100 by the loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 

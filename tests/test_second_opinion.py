@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import InitRecipe, build_model, load_checkpoint, save_checkpoint
-from model.config import FineGrainedConfig, load_config
+from model.checkpoint import InitRecipe, load_checkpoint, save_checkpoint
+from model.config import FineGrainedConfig
+from tests.test_fine_grained import _tiny as tiny_model
 from tests.test_fine_grained import synthetic_cache
 
 W = 0.3
@@ -21,9 +22,7 @@ CONFIG = FineGrainedConfig(vision_layers=(2,), context=3, cnn="efficientnet-lite
 
 
 def _tiny(fine_grained: FineGrainedConfig):
-    cfg = load_config("emkum-tiny")
-    cfg.fine_grained = fine_grained
-    return build_model(cfg, InitRecipe(cnn="efficientnet-lite0"), seed=0).eval()
+    return tiny_model(fine_grained, InitRecipe(cnn="efficientnet-lite0"))
 
 
 def _inputs():

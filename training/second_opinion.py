@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
-from model.emkum import Emkum
+from model.emkum import Emkum, second_opinion_head
 from training.feature_cache import SplitFeatures, cnn_array_names
 from training.fine_grained import TRAIN_DATA, VAL_DATA, FineGrainedRun, cached_splits, load_cache, two_stage_scores
 from training.metrics import i2t_recall, rerank, summarise, t2i_recall
@@ -49,12 +49,12 @@ class SecondOpinionRun(BaseModel):
 
 
 class SecondOpinionHeads(torch.nn.Module):
-    """The two heads, shaped as model/emkum.py's `second_image` / `second_text`, and a temperature."""
+    """The model's two heads (model/emkum.py `second_image` / `second_text`) and a temperature."""
 
     def __init__(self, image_width: int, text_width: int, dim: int) -> None:
         super().__init__()
-        self.image = torch.nn.Sequential(torch.nn.LayerNorm(image_width), torch.nn.Linear(image_width, dim))
-        self.text = torch.nn.Sequential(torch.nn.LayerNorm(text_width), torch.nn.Linear(text_width, dim))
+        self.image = second_opinion_head(image_width, dim)
+        self.text = second_opinion_head(text_width, dim)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def vectors(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,13 +79,18 @@ def pooled(feats: SplitFeatures, cnn: str, maps: int, chunk: int = 500) -> Poole
         parts.append(
             np.concatenate([np.asarray(a[s : s + chunk], np.float32).mean(1) for s in range(0, len(a), chunk)])
         )
-    tokens, word = feats.array("text_tokens"), np.load(feats.folder / "text_word_mask.npy")
-    text = []
-    for s in range(0, len(tokens), 4 * chunk):
-        t, w = np.asarray(tokens[s : s + 4 * chunk], np.float32), word[s : s + 4 * chunk, :, None]
-        text.append((t * w).sum(1) / w.sum(1).clip(1))
+    text = word_mean(feats.array("text_tokens"), np.load(feats.folder / "text_word_mask.npy"), 4 * chunk)
     owner = np.load(feats.folder / "caption_image.npy")
-    return Pooled(torch.from_numpy(np.concatenate(parts, 1)), torch.from_numpy(np.concatenate(text)), owner)
+    return Pooled(torch.from_numpy(np.concatenate(parts, 1)), text, owner)
+
+
+def word_mean(tokens: np.ndarray, word: np.ndarray, chunk: int = 2000) -> torch.Tensor:
+    """Token features [captions, L, width] (a memmap, read in chunks) averaged over the word mask."""
+    out = []
+    for s in range(0, len(tokens), chunk):
+        t, w = np.asarray(tokens[s : s + chunk], np.float32), word[s : s + chunk, :, None]
+        out.append((t * w).sum(1) / w.sum(1).clip(1))
+    return torch.from_numpy(np.concatenate(out))
 
 
 def mean6(sim: torch.Tensor, caption_image: np.ndarray) -> float:
