@@ -27,6 +27,7 @@ writes the third without training).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,34 +44,29 @@ from model.checkpoint import load_checkpoint  # noqa: E402
 from training.feature_cache import SplitFeatures  # noqa: E402
 from training.fine_grained import load_cache, two_stage_scores  # noqa: E402
 from training.metrics import i2t_recall, mean6_gain_interval, summarise, t2i_recall  # noqa: E402
-from training.second_opinion import Pooled, SecondOpinionHeads, SecondOpinionRun, train_heads  # noqa: E402
+from training.second_opinion import (  # noqa: E402
+    Pooled,
+    SecondOpinionHeads,
+    SecondOpinionRun,
+    pooled,
+    train_heads,
+    word_mean,
+)
 from training.second_opinion import mean6 as full_mean6  # noqa: E402
 
-CNN_MAPS = ("single_efficientnet-lite0_0", "single_efficientnet-lite0_1")
 
-
-def pooled_features(
-    split: Path, prior_split: Path, width: int = 384, text: str = "frozen"
-) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(ConvNet maps mean-pooled [images, 1392], a text tower's mean over words [captions, 384],
-    caption -> image). `text`: the frozen MiniLM's outputs, or our fine-tuned tower's (free at query
-    time, but the tower CLS is made from)."""
-    feats = SplitFeatures.load(split)
-    maps = []
-    for name in CNN_MAPS:
-        a = feats.array(name)
-        maps.append(np.concatenate([np.asarray(a[s : s + 500], np.float32).mean(1) for s in range(0, len(a), 500)]))
+def pooled_features(split: Path, prior_split: Path, width: int = 384, text: str = "frozen") -> Pooled:
+    """The split's pooled features as training/second_opinion.py makes them (ConvNet maps over the
+    grid, our text tower's outputs over the words); with `text` 'frozen', the frozen MiniLM's outputs
+    from the prior cache instead of our tower's."""
+    features = pooled(SplitFeatures.load(split), "efficientnet-lite0", 2)
+    if text == "fine-tuned":
+        return features
     tokens = np.load(prior_split / "text_tokens.npy", mmap_mode="r")
     if tokens.shape[-1] != 2 * width:
         raise typer.BadParameter(f"{prior_split}: no frozen tower's tokens (benchmarks/text_prior.py cache)")
-    word = np.load(split / "text_word_mask.npy")
-    sentences = []
-    for s in range(0, len(tokens), 2000):
-        part = slice(width, None) if text == "frozen" else slice(0, width)
-        t, w = np.asarray(tokens[s : s + 2000, :, part], np.float32), word[s : s + 2000, :, None]
-        sentences.append((t * w).sum(1) / w.sum(1).clip(1))
-    owner = np.load(split / "caption_image.npy")
-    return torch.from_numpy(np.concatenate(maps, 1)), torch.from_numpy(np.concatenate(sentences)), owner
+    frozen = word_mean(tokens[..., width:], np.load(split / "text_word_mask.npy"))
+    return dataclasses.replace(features, text=frozen)
 
 
 def scores(heads: SecondOpinionHeads, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -97,11 +93,11 @@ class Correction(torch.nn.Module):
         return t @ F.normalize(image_cls + self.image(image), dim=-1).T
 
 
-def train_correction(train, train_cls, val, val_cls, epochs: int, seed: int = 0) -> list[dict]:
+def train_correction(train: Pooled, train_cls, val: Pooled, val_cls, epochs: int, seed: int = 0) -> list[dict]:
     """Mean6 on `val` (full ranking) after each epoch of the CLS correction."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    (img, txt, owner), (img_cls, txt_cls) = train, train_cls
+    (img, txt, owner), (img_cls, txt_cls) = (train.image, train.text, train.caption_image), train_cls
     model = Correction(img.shape[1], txt.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     by_image = [np.flatnonzero(owner == i) for i in range(len(img))]
@@ -119,8 +115,8 @@ def train_correction(train, train_cls, val, val_cls, epochs: int, seed: int = 0)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            sim = model.scores(val_cls[1], val[1], val_cls[0], val[0])
-        history.append({"epoch": epoch + 1, "mean6": full_mean6(sim, val[2])})
+            sim = model.scores(val_cls[1], val.text, val_cls[0], val.image)
+        history.append({"epoch": epoch + 1, "mean6": full_mean6(sim, val.caption_image)})
     return history
 
 
@@ -178,7 +174,7 @@ def main(
     }
     with torch.enable_grad():
         run = SecondOpinionRun(epochs=epochs, seed=seed)
-        second, history = train_heads(Pooled(*splits["train"]), Pooled(*splits["val-a"]), 256, run)
+        second, history = train_heads(splits["train"], splits["val-a"], 256, run)
     model, _ = load_checkpoint(checkpoint)
     fg = model.cfg.fine_grained
     report: dict = {
@@ -195,7 +191,7 @@ def main(
         stage = two_stage_scores(
             model.fg_image, model.fg_text, feats, load_cache(feats, fg.vision_layers, fg.cnn), candidates
         )
-        img, txt, _ = splits[f"val-{half}"]
+        img, txt = splits[f"val-{half}"].image, splits[f"val-{half}"].text
         halves[half] = (stage, scores(second, txt, img).numpy())
     # weights chosen on half a, for each combination
     stage_a, second_a = halves["a"]
@@ -223,7 +219,8 @@ def main(
 
     def whole(half: str, c: float) -> float:
         image_cls, text_cls = cls[half]
-        img, txt, owner = splits[f"val-{half}"]
+        split = splits[f"val-{half}"]
+        img, txt, owner = split.image, split.text, split.caption_image
         return full_mean6((1 - c) * (text_cls @ image_cls.T) + c * scores(second, txt, img), owner)
 
     c = max(np.round(np.arange(0, 1.0001, 0.05), 2), key=lambda c: whole("a", float(c)))
