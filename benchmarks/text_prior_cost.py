@@ -1,8 +1,9 @@
 """What would serving the frozen MiniLM cost a text query? The second opinion
 (benchmarks/second_opinion.py) needs its mean-pooled sentence vector at query time, so the text graph
 would run that tower beside ours. This exports the tower alone (ids, mask -> the mean of its word
-outputs, [CLS] and [SEP] left out, as the benchmark pooled them), makes its dynamic int8 variant the
-way `emkum export` does (training/quantize.py, the FFN output projections kept fp32), and measures:
+outputs, [CLS] and [SEP] left out, as the benchmark pooled them), makes its dynamic int8 variant with
+`emkum export`'s own `training/quantize.py quantize_int8` (the FFN output projections kept fp32), and
+measures:
 
 - how close the int8 sentence vectors stay to torch fp32 on real captions (cosine, mean and min);
 - one query's median seconds through the served text graphs and through the tower's graphs, timed
@@ -32,7 +33,7 @@ from model.pretrained import load_bert_text, minilm_dir  # noqa: E402
 from runtime.cpu import int8_weights_for_this_cpu  # noqa: E402
 from runtime.encoders import open_session  # noqa: E402
 from runtime.tokenizer import TextTokenizer  # noqa: E402
-from training.quantize import fp32_node_names, interleaved_seconds  # noqa: E402
+from training.quantize import interleaved_seconds, quantize_int8  # noqa: E402
 
 CHECKPOINT = ROOT / "model" / "weights" / "emkum-flickr8k.partial.safetensors"
 CAPTIONS = ROOT.parent / "shared" / "data" / "flickr8k" / "dataset_flickr8k.json"
@@ -43,11 +44,11 @@ class SentenceVector(torch.nn.Module):
 
     def __init__(self, tower: TextTransformer) -> None:
         super().__init__()
-        self.tower = tower
+        self.text = tower  # named as in the served graph, so training/quantize.py keeps the same nodes fp32
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.tower(ids, mask)
-        t = self.tower.cfg
+        out = self.text(ids, mask)
+        t = self.text.cfg
         words = (mask.to(torch.bool) & (ids != t.cls_token_id) & (ids != t.sep_token_id)).to(out.dtype)[..., None]
         return (out * words).sum(1) / words.sum(1).clamp_min(1)
 
@@ -67,8 +68,6 @@ def main(
     length: int = typer.Option(12, help="tokens of the timed query"),
     out: Path = typer.Option(ROOT / "benchmarks" / "results" / "text_prior_cost.json"),
 ) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     torch.set_num_threads(2)
     cfg = read_header(CHECKPOINT)["config"].text
     tower = TextTransformer(dataclasses.replace(cfg, cls_zero_position=False)).eval()
@@ -89,16 +88,7 @@ def main(
             opset_version=17,
             dynamo=False,
         )
-        import onnx
-
-        keep = fp32_node_names(onnx.load(str(fp32)).graph.node, (("/blocks.", "/mlp/fc2/"),))
-        quantize_dynamic(
-            str(fp32),
-            str(int8),
-            weight_type={"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights],
-            per_channel=True,
-            nodes_to_exclude=keep,
-        )
+        quantize_int8(fp32, int8, weights)
         cpu = ["CPUExecutionProvider"]
         sessions = {
             "served text.onnx": open_session(model / "text.onnx", cpu),
