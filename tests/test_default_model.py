@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +100,39 @@ def test_the_default_model_points_words_at_their_photos_in_collages(default_mode
     hits, words_seen = sum(found), len(found)
     assert words_seen == 21
     assert hits / words_seen >= 0.5, f"{hits} of {words_seen} object words in their photo's cell"
+
+
+FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+
+
+def test_the_default_model_points_object_words_inside_their_boxes_on_real_photos(default_model, tmp_path):
+    """Issue #14's held-out check, on the photos of val half b with hand-drawn boxes (nothing was tuned
+    on that half): "a photo of a <object>", the object word's best stored patch inside the object.
+    Measured when written: 57.9% of 57 objects, chance 25.2% (the share of patches inside the boxes)."""
+    from index import VectorStore
+    from index.store import ItemInput
+    from runtime.images import decode_square, normalize
+    from runtime.modelcard import store_config
+    from training.box_pointing import load_boxes
+    from training.data import read_spec
+    from training.eval_exported import photo_box_pointing
+
+    if not (FLICKR8K / "dataset_flickr8k.json").is_file():
+        pytest.skip(f"Flickr8k is not at {FLICKR8K} (the repository's ../shared): this test reads its val photos")
+    wanted = {o.file for o in load_boxes()[1] if o.half == "b"}
+    spec = f"karpathy:{FLICKR8K}/dataset_flickr8k.json:{FLICKR8K}/images-val-*.tar:val"
+    pairs = [p for p in read_spec(spec) if p.key in wanted]
+    card = json.loads((default_model / "model.json").read_text())
+    tokenizer = TextTokenizer(default_model / "tokenizer.json", card["text"]["max_length"])
+    encoders = Encoders(default_model, card, providers="cpu", precision="fp32")
+    store = VectorStore(tmp_path / "index", store_config(card, use_gpu=False))
+    try:
+        size, mean, std = card["image"]["size"], card["image"]["mean"], card["image"]["std"]
+        pixels = [normalize(decode_square(p.read(), size, p.key), mean, std) for p in pairs]
+        store.add([ItemInput(str(i), e.cls, e.patches) for i, e in enumerate(encoders.embed_images_now(pixels))])
+        result = photo_box_pointing(encoders, tokenizer, store, pairs)
+    finally:
+        encoders.close()
+        store.close()
+    assert result["objects"] == len(wanted) >= 50
+    assert result["word_in_box"] >= 45.0 and result["word_in_box"] >= result["chance"] + 20, result

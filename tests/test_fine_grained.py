@@ -12,6 +12,7 @@ import torch
 
 from model.checkpoint import InitRecipe, build_model, load_checkpoint, save_checkpoint
 from model.config import FineGrainedConfig, load_config
+from training.box_pointing import BoxedObject, BoxTally, box_pointing, load_boxes, patches_inside
 from training.collage import cell_blocks, cell_edges, collage_groups, make_collage, patch_cells
 from training.data import Pair, half_of, select_half
 from training.pointing import PointingTally, common_share, patch_locality, word_groups
@@ -50,6 +51,67 @@ def test_pointing_tally_counts_a_built_in_answer_and_sees_an_inverted_map():
     assert right.summary()["word_pointing"] == 100.0 and right.summary()["caption_cell"] == 100.0
     assert wrong.summary()["word_pointing"] == 0.0 and wrong.summary()["caption_cell"] == 0.0
     assert right.summary()["cell_contrast"] > 0 > wrong.summary()["cell_contrast"]  # inverted map
+
+
+def test_a_box_holds_the_patches_whose_centres_lie_inside_it():
+    inside = patches_inside(((0.0, 0.0, 0.5, 1.0),), 4).reshape(4, 4)  # the left half
+    assert inside[:, :2].all() and not inside[:, 2:].any()
+    # two instances: the union; a box around one patch centre holds that patch only
+    two = patches_inside(((0.0, 0.0, 0.25, 0.25), (0.55, 0.55, 0.7, 0.7)), 4).reshape(4, 4)
+    assert two.sum() == 2 and two[0, 0] and two[2, 2]
+
+
+def test_the_box_tally_counts_a_built_in_answer_and_reports_chance_and_small_objects():
+    tally = BoxTally()
+    heat = np.zeros(16, dtype=np.float32)
+    heat[5] = 1.0  # row 1, column 1 of a 4 x 4 grid: centre (0.375, 0.375)
+    assert tally.add(heat, ((0.25, 0.25, 0.5, 0.5),))  # holds that centre: a hit
+    assert not tally.add(heat, ((0.5, 0.5, 1.0, 1.0),))  # the bottom-right quarter: a miss
+    s = tally.summary()
+    assert s["objects"] == 2 and s["word_in_box"] == 50.0
+    assert s["chance"] == pytest.approx(100 * (1 / 16 + 4 / 16) / 2, abs=0.01)
+    assert s["small"] == {"word_in_box": 100.0, "chance": 6.25, "objects": 1}  # only the 1-patch box is small
+
+
+def test_box_pointing_scores_the_object_words_map_not_the_templates():
+    """A photo whose dog patches equal the word "dog": hit; the same word over a photo where only the
+    background matches it: miss. The template's other words ("photo") do not count."""
+    grid, d = 4, 4
+    dog = np.eye(d)[0]
+    patches = {"hit.jpg": np.tile(np.eye(d)[1], (grid * grid, 1)), "miss.jpg": np.tile(np.eye(d)[1], (16, 1))}
+    patches["hit.jpg"][[5, 6, 9, 10]] = dog  # the centre 2 x 2 patches
+    patches["miss.jpg"][[0, 3]] = dog  # corners, outside the box
+    box = ((0.25, 0.25, 0.75, 0.75),)
+    objects = [BoxedObject("hit.jpg", "b", "dog", box), BoxedObject("miss.jpg", "b", "dog", box)]
+
+    def embed(texts):
+        assert texts == ["a photo of a dog"] * 2
+        labels = ["[CLS]", "a", "photo", "of", "a", "dog", "[SEP]"]
+        vectors = np.tile(np.eye(d)[1], (len(labels), 1))  # every other token likes the background
+        vectors[5] = dog
+        return [(vectors, labels)] * len(texts)
+
+    s = box_pointing(patches, embed, objects, "a photo of a {}")
+    assert s["objects"] == 2 and s["word_in_box"] == 50.0 and s["chance"] == 25.0
+
+
+def test_the_hand_drawn_boxes_cover_both_val_halves_with_valid_boxes_and_content_words():
+    from training.stopwords import is_content_word
+
+    template, objects = load_boxes()
+    assert template == "a photo of a {}"
+    assert all(o.half == half_of(o.file) for o in objects)  # the halves the other measures use
+    assert min(sum(o.half == h for o in objects) for h in "ab") >= 50
+    assert len({o.file for o in objects}) == len(objects)
+    assert all(is_content_word(o.word) and o.boxes for o in objects)
+
+
+def test_a_box_outside_the_picture_is_refused_by_name(tmp_path):
+    bad = tmp_path / "boxes.json"
+    outside = {"file": "x.jpg", "half": "a", "word": "dog", "boxes": [[0.5, 0, 1.2, 1]]}
+    bad.write_text(json.dumps({"template": "{}", "objects": [outside]}))
+    with pytest.raises(ValueError, match=r"x\.jpg"):
+        load_boxes(bad)
 
 
 def test_locality_and_common_share_on_vectors_with_known_structure(rng):

@@ -9,6 +9,9 @@
   captions whose CMLI score is highest over the tile's patches. Chance: 25% / 11%.
 - `choice`: each image against its caption and a one-word swap of it (training/swaps.py): how often
   the true caption scores higher with CLS, with CMLI and fused (the model card's weight), per kind.
+- `boxes` (Flickr8k val only): on photos with hand-drawn object boxes (training/box_pointing.py), how
+  often "a photo of a <object>"'s object word has its best stored patch inside the object, beside
+  chance (the share of patches inside); also for the small objects alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from runtime.images import decode_square, normalize
 from runtime.modelcard import load_model_card, rerank_defaults, store_config
 from runtime.query import embed_text_queries, image_query
 from runtime.tokenizer import TextTokenizer
+from training.box_pointing import box_pointing, load_boxes
 from training.collage import collage_groups, make_collage, patch_cells
 from training.data import read_spec, select_half
 from training.metrics import i2t_recall, mean6_gain_interval, summarise, t2i_recall
@@ -102,6 +106,9 @@ def evaluate_exported(
                 for g in (2, 3)
             }
             out["choice"] = fine_grained_choice(encoders, tokenizer, image_store, images, embedded, pairs, weight)
+            boxes = photo_box_pointing(encoders, tokenizer, image_store, pairs)
+            if boxes is not None:
+                out["boxes"] = boxes
     encoders.close()
     out["provider"], out["precision"] = encoders.provider, encoders.precision
     out["candidates"] = candidates
@@ -134,6 +141,22 @@ def collage_pointing(
             tally.add(q.vectors @ patches.T, q.labels, q.mask, cells, t)
     store.close()
     return {**tally.summary(), "collages": len(groups), "chance": round(100 / g**2, 2)}
+
+
+def photo_box_pointing(encoders: Encoders, tokenizer: TextTokenizer, store: VectorStore, pairs: list) -> dict | None:
+    """Box pointing (training/box_pointing.py) on the evaluated photos that have hand-drawn boxes,
+    scored on their patch vectors as the store keeps them; None when none of them has any."""
+    template, objects = load_boxes()
+    index = {p.key: i for i, p in enumerate(pairs)}
+    objects = [o for o in objects if o.file in index]
+    if not objects:
+        return None
+
+    def embed(texts: list[str]) -> list[tuple[np.ndarray, list[str]]]:
+        return [(q.vectors, q.labels) for q in embed_text_queries(tokenizer, encoders.embed_tokens_now, texts)]
+
+    stored = {o.file: store.vectors(str(index[o.file])) for o in objects}
+    return box_pointing(stored, embed, objects, template)
 
 
 def fine_grained_choice(
