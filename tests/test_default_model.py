@@ -108,7 +108,8 @@ FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 def test_the_default_model_points_object_words_inside_their_boxes_on_real_photos(default_model, tmp_path):
     """Issue #14's held-out check, on the photos of val half b with hand-drawn boxes (nothing was tuned
     on that half): "a photo of a <object>", the object word's best stored patch inside the object.
-    Measured when written: 57.9% of 57 objects, chance 25.2% (the share of patches inside the boxes)."""
+    Measured when written: 65.5% of 113 objects, chance 27.4% (the share of patches inside the boxes);
+    58.6% of the 29 small ones (under a tenth of the photo), chance 6.3%."""
     from index import VectorStore
     from index.store import ItemInput
     from runtime.images import decode_square, normalize
@@ -134,5 +135,6 @@ def test_the_default_model_points_object_words_inside_their_boxes_on_real_photos
     finally:
         encoders.close()
         store.close()
-    assert result["objects"] == len(wanted) >= 50
-    assert result["word_in_box"] >= 45.0 and result["word_in_box"] >= result["chance"] + 20, result
+    assert result["objects"] == len(wanted) >= 100
+    assert result["word_in_box"] >= 55.0 and result["word_in_box"] >= result["chance"] + 25, result
+    assert result["small"]["word_in_box"] >= 40.0, result  # the held-out set's goal, on its kind of object

@@ -101,7 +101,7 @@ def test_the_hand_drawn_boxes_cover_both_val_halves_with_valid_boxes_and_content
     template, objects = load_boxes()
     assert template == "a photo of a {}"
     assert all(o.half == half_of(o.file) for o in objects)  # the halves the other measures use
-    assert min(sum(o.half == h for o in objects) for h in "ab") >= 50
+    assert min(sum(o.half == h for o in objects) for h in "ab") >= 100
     assert len({o.file for o in objects}) == len(objects)
     assert all(is_content_word(o.word) and o.boxes for o in objects)
 
